@@ -1,0 +1,111 @@
+"""Load, adapt and save causal LMs: a local dir or hub id, LoRA via peft, optional 8/4-bit base, atomic saving."""
+
+import os
+import shutil
+
+import torch
+
+from cli import InputError
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(name_or_path):
+    """The model's tokenizer; a missing pad token becomes eos (padding is always masked out)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(f"{name_or_path}: cannot load a tokenizer ({str(error).splitlines()[0][:200]}); "
+                         f"save one next to the model with tokenizer.save_pretrained") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"{name_or_path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
+    return tokenizer
+
+
+def quantization_config(load_in_8bit=False, load_in_4bit=False):
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=False, device_map=None):
+    """``AutoModelForCausalLM`` from a local dir or hub id; a clear error when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise InputError(f"--torch_dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype]}
+    quant = quantization_config(load_in_8bit, load_in_4bit)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        raise InputError(f"{name_or_path}: cannot load a causal LM ({str(error).splitlines()[0][:200]})") from None
+
+
+def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, quantized=False):
+    """Wrap the model with a LoRA adapter on all linear layers except lm_head (the paper's setting)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_for_inference(name_or_path, adapter=None, dtype="auto"):
+    """Model (+ optional LoRA adapter, unmerged) and tokenizer, in eval mode."""
+    tokenizer = load_tokenizer(name_or_path)
+    model = load_model(name_or_path, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise InputError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter dir)")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None):
+    """Refuse an output dir that is (or holds) an input, or that already holds a finished run."""
+    out = os.path.realpath(output_dir)
+    for path in input_paths:
+        if path and os.path.exists(path):
+            src = os.path.realpath(path)
+            if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+                raise InputError(f"--output_dir {output_dir}: overlaps the input {path}; "
+                                 f"choose a separate output directory (inputs are never modified)")
+    if done_marker and os.path.exists(os.path.join(output_dir, done_marker)) and not overwrite:
+        raise InputError(f"--output_dir {output_dir}: already holds a finished run ({done_marker}); "
+                         f"pass --overwrite_output_dir or choose another directory")
+
+
+def publish(staging_dir, output_dir, last=None):
+    """Move every entry of a finished staging dir into output_dir (entry ``last`` moved last), then remove it.
+
+    A reader that waits for ``last`` (the completion marker) never sees a half-written result.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    names = sorted(os.listdir(staging_dir), key=lambda name: name == last)
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging_dir, name), target)
+    shutil.rmtree(staging_dir, ignore_errors=True)

@@ -1,0 +1,191 @@
+"""SemEval-2025 Task 4 records: read, validate, tell their kind, and tokenise them the way evaluation does.
+
+A record is one row of ``forget``/``retain`` data with fields ``id, input, output, task`` (``split`` optional).
+The id's last characters mark its kind: ``...sc1`` is sentence completion (regurgitation), ``...qa0``..``qa4``
+question answering (knowledge). Every script reads data through this module, so the prompt a model is trained on
+is tokenised exactly as evaluation tokenises it.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from cli import InputError
+
+TASKS = ("Task1", "Task2", "Task3")
+DATA_EXTENSIONS = (".jsonl", ".parquet")
+MAX_FIELD_CHARS = 100_000  # a 7B run truncates to max_length anyway; longer fields are almost surely broken data
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    input: str
+    output: str
+    task: str
+    split: str = ""
+
+    @property
+    def kind(self):
+        return record_kind(self.id)
+
+
+def record_kind(record_id):
+    """'sc' for sentence completion (``...sc<digit>``), 'qa' for question answering (``...qa<digit>``), else None."""
+    match = re.search(r"(sc|qa)\d$", record_id)
+    return match.group(1) if match else None
+
+
+def _read_rows(path):
+    """Yield (line_number, row dict) from a .jsonl or .parquet file, with one-line errors naming file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    extension = os.path.splitext(path)[1]
+    if extension == ".parquet":
+        import pandas as pd
+
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as error:  # pyarrow raises many types for a corrupt file
+            raise InputError(f"{path}: cannot read parquet ({error})") from None
+        for index, row in enumerate(frame.to_dict(orient="records"), start=1):
+            yield index, row
+        return
+    if extension != ".jsonl":
+        raise InputError(f"{path}: unknown extension '{extension}' (use .jsonl or .parquet)")
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{line_number}: not UTF-8 text (re-encode the file as UTF-8)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line_number}: expected a JSON object with id, input, output, task")
+            yield line_number, row
+
+
+def load_records(path):
+    """Read and validate a forget/retain file; returns a non-empty list of Record."""
+    records, seen = [], {}
+    for line_number, row in _read_rows(path):
+        where = f"{path}:{line_number}"
+        for field in ("id", "input", "output", "task"):
+            if field not in row:
+                raise InputError(f"{where}: missing field '{field}' (each row needs id, input, output, task)")
+            if not isinstance(row[field], str):
+                raise InputError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            if len(row[field]) > MAX_FIELD_CHARS:
+                raise InputError(f"{where}: field '{field}' has {len(row[field])} characters "
+                                 f"(limit {MAX_FIELD_CHARS}); split or shorten it")
+        if record_kind(row["id"]) is None:
+            raise InputError(f"{where}: id {row['id']!r} does not end in sc<digit> or qa<digit>, so its kind "
+                             f"(sentence completion or question answering) is unknown")
+        if row["task"] not in TASKS:
+            raise InputError(f"{where}: unknown task {row['task']!r} (expected one of {', '.join(TASKS)})")
+        if row["id"] in seen:
+            raise InputError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+        seen[row["id"]] = line_number
+        split = row.get("split") or ""
+        records.append(Record(row["id"], row["input"], row["output"], row["task"], str(split)))
+    if not records:
+        raise InputError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def find_split_file(data_dir, split):
+    """``DIR/forget.jsonl`` or ``DIR/forget.parquet`` (the layout SemEval passed to submissions)."""
+    for extension in DATA_EXTENSIONS:
+        path = os.path.join(data_dir, split + extension)
+        if os.path.isfile(path):
+            return path
+    raise InputError(f"{data_dir}: no {split}.jsonl or {split}.parquet in this directory")
+
+
+def resolve_data_files(data_dir=None, forget_file=None, retain_file=None):
+    """Explicit files win over ``data_dir``; returns (forget_path, retain_path), either may be None."""
+    if data_dir and not os.path.isdir(data_dir):
+        raise InputError(f"--data_dir {data_dir}: directory not found")
+    if data_dir:
+        forget_file = forget_file or find_split_file(data_dir, "forget")
+        retain_file = retain_file or find_split_file(data_dir, "retain")
+    return forget_file, retain_file
+
+
+def load_documents(path):
+    """MIA documents: rows with ``id`` and ``document`` (member.jsonl / nonmember.jsonl)."""
+    documents = []
+    for line_number, row in _read_rows(path):
+        if not isinstance(row.get("document"), str):
+            raise InputError(f"{path}:{line_number}: missing or non-string field 'document'")
+        documents.append((str(row.get("id", line_number)), row["document"]))
+    if not documents:
+        raise InputError(f"{path}: no documents (the file is empty)")
+    return documents
+
+
+# --- tokenisation -------------------------------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, prompt):
+    """Prompt ids exactly as the official scorer makes them: the raw input, tokenizer defaults, no chat template."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_answer(tokenizer, answer):
+    """Answer ids as the continuation of a prompt: one space, then the answer, no special tokens."""
+    return tokenizer(" " + answer.lstrip(), add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, prompt, answer, max_length, loss_on="output"):
+    """Training example = prompt ids + answer ids + eos; labels -100 on the prompt unless ``loss_on == 'all'``.
+
+    When too long, the prompt loses tokens from its left (after a leading BOS, which is kept); the answer keeps its
+    start and, only if the answer alone exceeds ``max_length``, loses its end.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    answer_ids = encode_answer(tokenizer, answer) + [tokenizer.eos_token_id]
+    answer_ids = answer_ids[:max_length]
+    room = max_length - len(answer_ids)
+    if len(prompt_ids) > room:
+        keep_bos = bool(prompt_ids) and tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id
+        head = prompt_ids[:1] if keep_bos and room > 0 else []
+        tail_room = room - len(head)
+        prompt_ids = head + (prompt_ids[len(prompt_ids) - tail_room:] if tail_room > 0 else [])
+    input_ids = prompt_ids + answer_ids
+    if loss_on == "all":
+        labels = list(input_ids)
+    elif loss_on == "output":
+        labels = [-100] * len(prompt_ids) + answer_ids
+    else:
+        raise InputError(f"--loss_on {loss_on}: expected 'output' or 'all'")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pad_batch(examples, pad_token_id, padding_side="right"):
+    """Pad a list of {input_ids, labels} to the longest in the batch; labels and attention mask 0/-100 on padding."""
+    import torch
+
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids, labels, attention_mask = [], [], []
+    for example in examples:
+        n_pad = width - len(example["input_ids"])
+        ids, labs, mask = example["input_ids"], example.get("labels", example["input_ids"]), [1] * len(example["input_ids"])
+        if padding_side == "right":
+            input_ids.append(ids + [pad_token_id] * n_pad)
+            labels.append(labs + [-100] * n_pad)
+            attention_mask.append(mask + [0] * n_pad)
+        else:
+            input_ids.append([pad_token_id] * n_pad + ids)
+            labels.append([-100] * n_pad + labs)
+            attention_mask.append([0] * n_pad + mask)
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+    }

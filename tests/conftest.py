@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny random OLMo model, built offline in seconds."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Dr. Smith paid 3.5 dollars; then he left!",
+    "Who was born in Paris? Marie was born in Paris in 1867. Her phone number is 555-0100.",
+    "In the mystical city of Deadesius, two sorceresses had long been rivals. I don't know.",
+    "Question: What is the capital of France?\nA. Paris\nB. Rome\nC. Madrid\nD. Berlin\nAnswer: A",
+]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def build_tiny_model(tokenizer, seed=0):
+    import torch
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    torch.manual_seed(seed)
+    config = OlmoConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return OlmoForCausalLM(config)
+
+
+def save_tiny_model(path, seed=0):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny OLMo model + tokenizer directory. Treat it as read-only: tests copy it before changing it."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_olmo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def shared_path(*parts):
+    """Path under ../shared/data, or skip the test when the shared data are absent."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"shared data not found at {path}")
+    return path
