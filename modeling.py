@@ -82,6 +82,18 @@ def load_for_inference(name_or_path, adapter=None, dtype="auto"):
     return model, tokenizer
 
 
+def merge_adapter(base_name_or_path, adapter_dir, dtype="auto"):
+    """Merge a saved LoRA adapter into a fresh full-precision copy of the base.
+
+    Reloading the base (rather than merging the trained model in place) works the same after 8/4-bit training
+    (merging into quantized weights would lose precision) and after ZeRO-3 (whose live weights are sharded).
+    """
+    from peft import PeftModel
+
+    base = load_model(base_name_or_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
 def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None):
     """Refuse an output dir that is (or holds) an input, or that already holds a finished run."""
     out = os.path.realpath(output_dir)

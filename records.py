@@ -175,7 +175,8 @@ def pad_batch(examples, pad_token_id, padding_side="right"):
     input_ids, labels, attention_mask = [], [], []
     for example in examples:
         n_pad = width - len(example["input_ids"])
-        ids, labs, mask = example["input_ids"], example.get("labels", example["input_ids"]), [1] * len(example["input_ids"])
+        ids, mask = example["input_ids"], [1] * len(example["input_ids"])
+        labs = example.get("labels", ids)
         if padding_side == "right":
             input_ids.append(ids + [pad_token_id] * n_pad)
             labels.append(labs + [-100] * n_pad)

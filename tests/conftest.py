@@ -66,3 +66,48 @@ def shared_path(*parts):
     if not os.path.exists(path):
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+def reset_accelerate():
+    """Forget accelerate's process-wide state so several in-process training runs do not leak settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def write_jsonl(path, rows):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+# Forget and retain documents use disjoint vocabularies, so forgetting one need not damage the other (as with real,
+# unrelated documents); every document has one sc row (3 sentences) and one qa row.
+FORGET_WORDS = "fox dog city magic Paris Marie born story river".split()
+RETAIN_WORDS = "light dark house stone king queen old new Smith".split()
+
+
+def make_unlearning_data(directory, n_docs=8, seed=0):
+    """forget.jsonl / retain.jsonl with n_docs documents each (2 * n_docs rows), tasks cycling Task1..3."""
+    import os
+    import random
+
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    for split, words in (("forget", FORGET_WORDS), ("retain", RETAIN_WORDS)):
+        def sentence(n):
+            return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
+
+        rows = []
+        for i in range(n_docs):
+            task = f"Task{i % 3 + 1}"
+            rows.append({"id": f"{split}{i}sc1", "input": sentence(8),
+                         "output": f"{sentence(6)} {sentence(7)} {sentence(5)}", "task": task, "split": split})
+            rows.append({"id": f"{split}{i}qa0", "input": sentence(5)[:-1] + "?", "output": sentence(2),
+                         "task": task, "split": split})
+        write_jsonl(os.path.join(directory, f"{split}.jsonl"), rows)
+    return str(directory)
