@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from records import encode_example, load_records, pad_batch, resolve_data_files,
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DONE_MARKER = "train_config.yaml"  # written last: its presence means the run finished
+CHECKPOINT_STATE = "trainer_state.json"  # step counters and data position, written last into a checkpoint
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
 
 
@@ -99,6 +102,17 @@ class TrainArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard (scalars under "
                                                             "output_dir/runs) or none."})
     run_name: str = field(default="", metadata={"help": "TensorBoard run name (default: a timestamp)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint (adapter, optimizer, scheduler, RNG, data "
+                                                 "position) every N optimizer steps; 0 = off."})
+    save_minutes: float = field(default=0.0, metadata={"help": "Also checkpoint every M minutes of training; "
+                                                       "0 = off."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "'latest' (newest under output_dir/"
+                                                              "checkpoints) or a checkpoint dir: continue exactly "
+                                                              "where that run stopped."})
+    max_train_minutes: float = field(default=0.0, metadata={"help": "Time budget for this invocation (load, train, "
+                                                            "save): stop early enough to save the final model "
+                                                            "in time; 0 = none."})
     batch_log: bool = field(default=False, metadata={"help": "Write every micro-batch's step, kind and record ids "
                                                      "to output_dir/batch_log/rank<N>.jsonl (audits the schedule)."})
 
@@ -115,6 +129,10 @@ class TrainArguments:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.save_steps < 0 or self.save_minutes < 0 or self.max_train_minutes < 0:
+            raise ValueError("--save_steps, --save_minutes and --max_train_minutes must be >= 0")
+        if self.save_total_limit < 1:
+            raise ValueError(f"--save_total_limit {self.save_total_limit}: must be >= 1")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to}: expected tensorboard or none")
 
@@ -251,11 +269,17 @@ def train(model_args, data_args, train_args):
     forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
     check_output_dir(train_args.output_dir, [model_args.model_name_or_path, data_args.data_dir, forget_path,
                                              retain_path], train_args.overwrite_output_dir, DONE_MARKER)
+    checkpoint = find_checkpoint(train_args.output_dir, train_args.resume_from_checkpoint)
+    if checkpoint is None and list_checkpoints(train_args.output_dir) and not train_args.overwrite_output_dir:
+        raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
+                         f"--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
+    stop_signal = watch_preemption_signals()
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     examples = build_examples(tokenizer, data_args, train_args)
 
+    load_start = time.time()
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
     model = load_model(model_args.model_name_or_path, model_args.torch_dtype, model_args.load_in_8bit,
                        model_args.load_in_4bit, device_map={"": accelerator.device} if quantized else None)
@@ -265,6 +289,7 @@ def train(model_args, data_args, train_args):
                          model_args.gradient_checkpointing, quantized)
     elif model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    load_seconds = time.time() - load_start
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -286,9 +311,15 @@ def train(model_args, data_args, train_args):
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
             train_args.per_device_train_batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    keep_trainable_only_in_checkpoints(accelerator)
     model.train()
+    run_state = {"step": 0, "skipped_steps": 0, "train_seconds": 0.0, "micro_batches_per_step": micro_per_step,
+                 "steps_per_epoch": steps_per_epoch, "run_name": train_args.run_name or time.strftime("%Y%m%d-%H%M%S")}
+    if checkpoint is not None:
+        run_state = load_checkpoint(accelerator, checkpoint, run_state)
+    run_name = run_state["run_name"]
     if accelerator.is_main_process and train_args.report_to != "none":
-        run_name = train_args.run_name or time.strftime("%Y%m%d-%H%M%S")
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in flat_config(model_args, data_args, train_args).items()}
         accelerator.init_trackers(run_name, config=hparams)
@@ -301,14 +332,21 @@ def train(model_args, data_args, train_args):
     batch_log = None
     if train_args.batch_log:
         os.makedirs(os.path.join(train_args.output_dir, "batch_log"), exist_ok=True)
-        batch_log = open(os.path.join(train_args.output_dir, "batch_log", f"rank{rank}.jsonl"), "w", encoding="utf-8")
-    step, skipped_steps = 0, 0
-    progress = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="unlearning")
-    start_time = time.time()
-    for epoch in range(train_args.num_train_epochs):
-        for kind, micro_batches in epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step,
-                                                  train_args.seed, epoch):
-            if step >= total_steps:
+        batch_log = open(os.path.join(train_args.output_dir, "batch_log", f"rank{rank}.jsonl"), "a", encoding="utf-8")
+    step, skipped_steps = run_state["step"], run_state["skipped_steps"]
+    first_step = step
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="unlearning")
+    start_time = last_save = time.time()
+    # the final save reloads the base to merge (about one model load) and writes it (about another)
+    save_reserve = 2 * load_seconds + 10
+    stopped_early = preempted = False
+    for epoch in range(step // steps_per_epoch, train_args.num_train_epochs):
+        schedule = epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step, train_args.seed,
+                                  epoch)
+        for index, (kind, micro_batches) in enumerate(schedule):
+            if epoch * steps_per_epoch + index < step:
+                continue  # done before the checkpoint this run resumed from
+            if step >= total_steps or stopped_early or preempted:
                 break
             step_start, step_loss, step_nll, step_tokens, window_bad = time.time(), 0.0, 0.0, 0, False
             for a in range(accum):
@@ -344,9 +382,15 @@ def train(model_args, data_args, train_args):
             scheduler.step()
             step += 1
             progress.update(1)
-            # metrics averaged over processes; tokens summed
-            stats = accelerator.reduce(torch.tensor([step_loss, step_nll, float(step_tokens)], device=device), "sum")
+            # metrics averaged over processes, tokens summed; stop requests from any process stop all of them
+            elapsed = time.time() - start_time
+            out_of_time = (train_args.max_train_minutes > 0 and time.time() - stop_signal["start"]
+                           + elapsed / (step - first_step) + save_reserve > train_args.max_train_minutes * 60)
+            stats = accelerator.reduce(torch.tensor([step_loss, step_nll, float(step_tokens), float(out_of_time),
+                                                     float(stop_signal["received"])], device=device), "sum")
             loss_value, nll_value, tokens = stats[0].item() / world, stats[1].item() / world, stats[2].item()
+            stopped_early = stats[3].item() > 0 and step < total_steps
+            preempted = stats[4].item() > 0 and step < total_steps
             progress.set_postfix(kind=kind, loss=f"{loss_value:.4g}", nll=f"{nll_value:.3f}")
             if train_args.report_to != "none":
                 logs = {f"loss/{kind}": loss_value, f"nll/{kind}": nll_value, "lr": scheduler.get_last_lr()[0],
@@ -355,17 +399,117 @@ def train(model_args, data_args, train_args):
                 if grad_norm is not None and not window_bad:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=step)
+            periodic = ((train_args.save_steps and step % train_args.save_steps == 0) or
+                        (train_args.save_minutes and time.time() - last_save >= train_args.save_minutes * 60))
+            if (periodic or preempted) and step < total_steps:
+                run_state.update(step=step, skipped_steps=skipped_steps,
+                                 train_seconds=run_state["train_seconds"] + time.time() - start_time)
+                start_time = last_save = time.time()
+                save_checkpoint(accelerator, train_args.output_dir, run_state, train_args.save_total_limit)
     progress.close()
     if batch_log is not None:
         batch_log.close()
-    train_seconds = time.time() - start_time
+    train_seconds = run_state["train_seconds"] + time.time() - start_time
     if skipped_steps:
         accelerator.print(f"warning: {skipped_steps} step(s) skipped on a non-finite loss or gradient")
-    summary = {"optimizer_steps": step, "skipped_steps": skipped_steps, "train_seconds": round(train_seconds, 1),
-               "examples_per_kind": counts, "num_processes": world}
+    summary = {"optimizer_steps": step, "planned_steps": total_steps, "skipped_steps": skipped_steps,
+               "train_seconds": round(train_seconds, 1), "examples_per_kind": counts, "num_processes": world,
+               "stopped_early": stopped_early, "preempted": preempted, "resumed_from_step": first_step or None}
+    if preempted:
+        accelerator.print(f"preempted: checkpoint saved at step {step}; rerun with --resume_from_checkpoint latest "
+                          f"(exit code {PREEMPTED_EXIT_CODE})")
+        accelerator.end_training()
+        return summary
+    if stopped_early:
+        accelerator.print(f"time budget: stopped early after step {step} of {total_steps} to save in time")
     save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary)
     accelerator.end_training()
     return summary
+
+
+# --- checkpoints, resume, preemption ------------------------------------------------------------------------------
+
+def watch_preemption_signals():
+    """SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) ask the loop to checkpoint and exit."""
+    import signal
+
+    state = {"received": False, "start": time.time()}
+
+    def request_stop(signum, frame):
+        state["received"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+    return state
+
+
+def list_checkpoints(output_dir):
+    """Finished checkpoints under output_dir/checkpoints, oldest first (unfinished .tmp-* dirs are ignored)."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    steps = [int(name[len("step-"):]) for name in os.listdir(root)
+             if name.startswith("step-") and name[len("step-"):].isdigit()
+             and os.path.isfile(os.path.join(root, name, CHECKPOINT_STATE))]
+    return [os.path.join(root, f"step-{n}") for n in sorted(steps)]
+
+
+def find_checkpoint(output_dir, spec):
+    if not spec:
+        return None
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise InputError(f"--resume_from_checkpoint latest: no finished checkpoint under "
+                             f"{os.path.join(output_dir, 'checkpoints')}; run without it to start fresh")
+        return checkpoints[-1]
+    if not os.path.isfile(os.path.join(spec, CHECKPOINT_STATE)):
+        raise InputError(f"--resume_from_checkpoint {spec}: not a finished checkpoint (no {CHECKPOINT_STATE})")
+    return spec
+
+
+def keep_trainable_only_in_checkpoints(accelerator):
+    """Checkpoints hold the trainable weights only (the LoRA adapter, not 7B frozen base weights)."""
+    def drop_frozen(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if i < len(weights):
+                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+                weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
+def save_checkpoint(accelerator, output_dir, run_state, save_total_limit):
+    """accelerator.save_state into checkpoints/.tmp-step-N, then rename: a kill mid-save keeps the last one."""
+    root = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(root, f"step-{run_state['step']}")
+    tmp = os.path.join(root, f".tmp-step-{run_state['step']}")
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, CHECKPOINT_STATE), "w", encoding="utf-8") as f:
+            json.dump(run_state, f, indent=2)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, checkpoint, run_state):
+    with open(os.path.join(checkpoint, CHECKPOINT_STATE), encoding="utf-8") as f:
+        saved = json.load(f)
+    for key in ("micro_batches_per_step", "steps_per_epoch"):
+        if saved[key] != run_state[key]:
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: written with {key}={saved[key]}, now "
+                             f"{run_state[key]}; resume with the same data, batch size, processes x accumulation")
+    accelerator.load_state(checkpoint, strict=False)  # strict=False: checkpoints hold trainable weights only
+    accelerator.print(f"resumed from {checkpoint} at step {saved['step']}")
+    return saved
 
 
 def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary):
@@ -415,13 +559,16 @@ def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.
 
 
 def main(argv=None):
+    """Returns the process exit code: 0, or PREEMPTED_EXIT_CODE after a preemption checkpoint."""
     model_args, data_args, train_args = parse_config((ModelArguments, DataArguments, TrainArguments), argv)
-    train(model_args, data_args, train_args)
+    summary = train(model_args, data_args, train_args)
+    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    exit_code = run_main(main)
     sys.stdout.flush()
     sys.stderr.flush()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os._exit(0)  # torch 2.13's gloo sometimes aborts at interpreter exit after a multi-process run
+        os._exit(exit_code)  # torch 2.13's gloo sometimes aborts at interpreter exit after a multi-process run
+    sys.exit(exit_code)
