@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from cli import InputError, parse_config, run_main
-from objectives import FORGET_LOSSES, NLL_FLOOR, answer_nll, batch_loss, is_finite, zero_loss
+from objectives import FORGET_LOSSES, NEEDS_REFERENCE, NLL_FLOOR, RETAIN_LOSSES, batch_loss, is_finite, zero_loss
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -79,9 +79,12 @@ class TrainArguments:
                                                                 "holds a finished run."})
     forget_loss: str = field(default="gi", metadata={"help": "Forget objective: gi (alpha/L_ntp, paper eq. 2), "
                                                      "gi2 ((alpha/L_ntp)^2), ga (-L_ntp), ntp (fine-tune on "
-                                                     "forget: builds a memorised target), none."})
-    retain_loss: str = field(default="ntp", metadata={"help": "Retain objective: ntp (next-token loss) or none "
-                                                      "(no retain batches)."})
+                                                     "forget: builds a memorised target), npo (Negative "
+                                                     "Preference Optimization vs the frozen base), none."})
+    retain_loss: str = field(default="ntp", metadata={"help": "Retain objective: ntp (next-token loss), kl (KL "
+                                                      "from the frozen base), ntp_kl (both), none (no retain "
+                                                      "batches)."})
+    npo_beta: float = field(default=0.1, metadata={"help": "Inverse temperature beta of the npo loss."})
     alpha: float = field(default=1.0, metadata={"help": "Numerator alpha of the gi/gi2 forget loss."})
     nll_floor: float = field(default=NLL_FLOOR, metadata={"help": "Floor on L_ntp inside gi/gi2 so alpha/L "
                                                           "stays finite (value only; gradient still flows)."})
@@ -119,8 +122,8 @@ class TrainArguments:
     def __post_init__(self):
         if self.forget_loss not in FORGET_LOSSES:
             raise ValueError(f"--forget_loss {self.forget_loss}: expected one of {', '.join(FORGET_LOSSES)}")
-        if self.retain_loss not in ("ntp", "none"):
-            raise ValueError(f"--retain_loss {self.retain_loss}: expected ntp or none")
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise ValueError(f"--retain_loss {self.retain_loss}: expected one of {', '.join(RETAIN_LOSSES)}")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate {self.learning_rate}: must be > 0")
         if self.num_train_epochs < 1:
@@ -150,6 +153,9 @@ def check_arguments(model_args, data_args, train_args):
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise InputError("--load_in_8bit and --load_in_4bit: choose one")
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
+    if {train_args.forget_loss, train_args.retain_loss} & NEEDS_REFERENCE and model_args.lora_r == 0:
+        raise InputError(f"--forget_loss {train_args.forget_loss} / --retain_loss {train_args.retain_loss} compare "
+                         f"with the frozen base, read by disabling the LoRA adapter: set --lora_r > 0")
     if quantized and model_args.lora_r == 0:
         raise InputError("--load_in_8bit/--load_in_4bit need LoRA (quantized weights cannot be trained): "
                          "set --lora_r > 0 or drop the quantization flag")
@@ -235,6 +241,11 @@ def epoch_schedule(lengths_by_kind, micro_batch_size, micro_batches_per_step, se
     return steps
 
 
+def needs_reference(kind, train_args):
+    return ((kind == "forget" and train_args.forget_loss == "npo") or
+            (kind == "retain" and train_args.retain_loss in ("kl", "ntp_kl")))
+
+
 def micro_batch_for(micro_batches, accumulation_index, process_index, num_processes):
     """Which micro-batch of a step this process computes at this accumulation sub-step."""
     return micro_batches[accumulation_index * num_processes + process_index]
@@ -274,10 +285,11 @@ def train(model_args, data_args, train_args):
         raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
     stop_signal = watch_preemption_signals()
-    accelerator = make_accelerator(train_args)
-    set_seed(train_args.seed)
+    # all input is read and checked before anything is created on disk
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     examples = build_examples(tokenizer, data_args, train_args)
+    accelerator = make_accelerator(train_args)
+    set_seed(train_args.seed)
 
     load_start = time.time()
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
@@ -356,10 +368,17 @@ def train(model_args, data_args, train_args):
                     batch_log.write(json.dumps({"step": step, "accumulation": a, "kind": kind,
                                                 "ids": [examples[kind][i]["id"] for i in indices]}) + "\n")
                 batch = {k: v.to(device) for k, v in batch.items()}
+                reference_logits = None
+                if needs_reference(kind, train_args):
+                    # the frozen base = the same model with its adapter off: no second copy in memory
+                    with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
+                        reference_logits = model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits
                 with accelerator.accumulate(model):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    nll = answer_nll(logits, batch["labels"])
-                    loss = batch_loss(kind, nll, train_args.forget_loss, train_args.alpha, train_args.nll_floor)
+                    loss, nll = batch_loss(kind, logits, batch["labels"], train_args.forget_loss,
+                                           train_args.retain_loss, train_args.alpha, train_args.nll_floor,
+                                           reference_logits, train_args.npo_beta)
                     # a non-finite loss on any process drops the whole step on every process
                     bad = accelerator.reduce(torch.tensor(0.0 if is_finite(loss) else 1.0, device=device), "sum")
                     if bad.item() > 0:
