@@ -162,6 +162,21 @@ def check_arguments(model_args, data_args, train_args):
     if model_args.load_in_4bit and not torch.cuda.is_available():
         raise InputError("--load_in_4bit on CPU: bitsandbytes' 4-bit CPU path silently loses LoRA gradients; "
                          "use --load_in_8bit or a GPU")
+    if quantized and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate launch passes the ZeRO stage, or the JSON that holds it (ds_configs/, relative to the repo root)
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        if ds_file:
+            ds_file = ds_file if os.path.isfile(ds_file) else os.path.join(ROOT, ds_file)
+            try:
+                with open(ds_file, encoding="utf-8") as f:
+                    stage = str(json.load(f).get("zero_optimization", {}).get("stage", ""))
+            except (OSError, ValueError) as error:
+                raise InputError(f"DeepSpeed config {ds_file}: cannot read it ({error})") from None
+        if stage == "3":
+            raise InputError("--load_in_8bit/--load_in_4bit with DeepSpeed ZeRO-3: ZeRO-3 shards every weight and "
+                             "cannot shard bitsandbytes' quantized ones; use accelerate_configs/deepspeed_zero2.yaml "
+                             "or multi_gpu.yaml, or drop the quantization flag")
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -254,17 +269,44 @@ def micro_batch_for(micro_batches, accumulation_index, process_index, num_proces
 # --- training -----------------------------------------------------------------------------------------------------
 
 def make_accelerator(train_args):
+    import logging
+
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    # accelerate_configs/deepspeed_*.yaml name their JSON relative to the repo root: find it from elsewhere too
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if ds_file and not os.path.isabs(ds_file) and not os.path.isfile(ds_file):
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(ROOT, ds_file)
+    # bitsandbytes logs this on every 8-bit matmul of a non-fp16 input (bf16 on GPUs, eval mode on CPU): expected,
+    # and it would flood the log
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
     project = ProjectConfiguration(project_dir=train_args.output_dir,
                                    logging_dir=os.path.join(train_args.output_dir, "runs"))
     # gloo for CPU runs (also needed by DeepSpeed on CPU); NCCL is accelerate's default on GPUs
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-                       log_with=None if train_args.report_to == "none" else train_args.report_to,
-                       project_config=project, kwargs_handlers=handlers)
+    accelerator = Accelerator(gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+                              log_with=None if train_args.report_to == "none" else train_args.report_to,
+                              project_config=project, kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # ds_configs/ leave these "auto": the flags decide, as they do for the loop. accelerate would take the
+        # micro-batch from a DataLoader (we pass none) and clip at 1.0 whatever --max_grad_norm says (DeepSpeed
+        # clips inside its own step); it fills train_batch_size and bf16/fp16 (from --mixed_precision) itself.
+        flags = {"train_micro_batch_size_per_gpu": ("per_device_train_batch_size",
+                                                    train_args.per_device_train_batch_size),
+                 "gradient_accumulation_steps": ("gradient_accumulation_steps", train_args.gradient_accumulation_steps),
+                 "gradient_clipping": ("max_grad_norm", train_args.max_grad_norm)}
+        for key, (flag, value) in flags.items():
+            if plugin.deepspeed_config.get(key, "auto") == "auto":
+                plugin.deepspeed_config[key] = value
+            elif plugin.deepspeed_config[key] != value:
+                raise InputError(f"the DeepSpeed config sets {key}={plugin.deepspeed_config[key]} but --{flag} is "
+                                 f"{value}: set it to \"auto\" in the JSON (the flag decides) or pass --{flag} "
+                                 f"{plugin.deepspeed_config[key]}")
+    return accelerator
 
 
 def flat_config(*argument_objects):
@@ -318,10 +360,6 @@ def train(model_args, data_args, train_args):
         total_steps = min(total_steps, train_args.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
 
-    if accelerator.state.deepspeed_plugin is not None:
-        # no DataLoader goes through prepare(), so DeepSpeed learns the micro-batch size here
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            train_args.per_device_train_batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     keep_trainable_only_in_checkpoints(accelerator)
@@ -536,16 +574,29 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
     from modeling import merge_adapter, publish
 
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every process must call it
+    unwrapped = accelerator.unwrap_model(model)
+    if model_args.lora_r > 0 and accelerator.state.deepspeed_plugin is not None:
+        # the adapter from DeepSpeed's fp32 master weights (what DDP saves, whatever the ZeRO stage or bf16),
+        # gathered one tensor at a time: a collective, so every process runs it
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state_dict = {name: safe_get_full_fp32_param(p).cpu() for name, p in unwrapped.named_parameters()
+                      if p.requires_grad}
+    else:
+        state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every process must call it
     if accelerator.is_main_process:
         staging = os.path.join(train_args.output_dir, f".incomplete-{os.getpid()}")
         os.makedirs(staging, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
         if model_args.lora_r > 0:
             adapter_dir = os.path.join(staging, "adapter")
             unwrapped.save_pretrained(adapter_dir, state_dict=state_dict)
             tokenizer.save_pretrained(adapter_dir)
             if model_args.merge_lora:
+                # training is over: reload the base as a plain model. Under ZeRO-3 transformers would partition it,
+                # with collectives that the other processes (waiting below) never join.
+                from transformers.integrations import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
                 merged = merge_adapter(model_args.model_name_or_path, adapter_dir, model_args.torch_dtype)
                 merged.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
