@@ -1,0 +1,134 @@
+"""Put several evaluated runs side by side: a markdown table and a bar chart of the SemEval-2025 Task 4 scores.
+
+    python compare.py runs/target/eval runs/paper/eval runs/npo/eval --output_dir runs/comparison
+
+Each argument is an evaluate.py output dir (or its evaluation_results.json). The table shows, per run, the raw
+per-task scores (forget: lower is better; retain: higher is better), the harmonic-mean task aggregate, the MIA AUC
+and score, MMLU and the final score.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from cli import InputError, parse_config, run_main
+from records import TASKS
+
+RESULTS_FILE = "evaluation_results.json"
+KIND_KEYS = (("regurg", "regurgitation-score"), ("know", "knowledge-score"))
+SUMMARY_KEYS = (("task agg.", "harmonic-mean-task-aggregate"), ("MIA AUC", "mia_loss_acc"),
+                ("MIA score", "mia_final_score"), ("MMLU", "mmlu_average"), ("final", "aggregate-score"))
+
+
+@dataclass
+class CompareArguments:
+    output_dir: str = field(default="", metadata={"help": "Where comparison.md and comparison.png go."})
+    names: str = field(default="", metadata={"help": "Comma-separated row names (default: each run's dir name; "
+                                              "for .../NAME/eval, NAME)."})
+
+
+def load_results(path):
+    """evaluation_results.json of a run dir (or the file itself)."""
+    file = path if path.endswith(".json") else os.path.join(path, RESULTS_FILE)
+    if not os.path.isfile(file):
+        raise InputError(f"{path}: no {RESULTS_FILE} (run evaluate.py with --output_dir {path} first)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{file}: not valid JSON ({error.msg})") from None
+
+
+def run_name(path):
+    path = os.path.normpath(path[:-len(RESULTS_FILE)] if path.endswith(RESULTS_FILE) else path)
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name in ("eval", "evaluation") else name
+
+
+def score_columns(results):
+    """(column name, value or None) for one run, in table order."""
+    columns = []
+    for split in ("forget", "retain"):
+        block = results.get(f"{split}-set") or {}
+        for task in TASKS:
+            for short, key in KIND_KEYS:
+                columns.append((f"{split} {task[-1]} {short}", (block.get(task) or {}).get(key)))
+    for label, key in SUMMARY_KEYS:
+        columns.append((label, results.get(key)))
+    return columns
+
+
+def comparison_table(named_results):
+    """Markdown table: one row per (name, results); n/a where a score was not computed."""
+    if not named_results:
+        return ""
+    header = ["run"] + [name for name, _ in score_columns(named_results[0][1])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, results in named_results:
+        cells = [name] + ["n/a" if value is None else f"{value:.3f}" for _, value in score_columns(results)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(named_results, path):
+    """Grouped bars: forget/retain overall scores, task aggregate, MIA score, MMLU and final, per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("forget regurg.", lambda r: (r.get("forget-set") or {}).get("overall-regurgitation-score")),
+               ("forget know.", lambda r: (r.get("forget-set") or {}).get("overall-knowledge-score")),
+               ("retain regurg.", lambda r: (r.get("retain-set") or {}).get("overall-regurgitation-score")),
+               ("retain know.", lambda r: (r.get("retain-set") or {}).get("overall-knowledge-score"))]
+    metrics += [(label, lambda r, key=key: r.get(key)) for label, key in SUMMARY_KEYS if key != "mia_loss_acc"]
+    width = 0.8 / len(named_results)
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(metrics) * max(1, len(named_results) / 3)), 4))
+    for i, (name, results) in enumerate(named_results):
+        values = [getter(results) for _, getter in metrics]
+        ax.bar([m + (i - (len(named_results) - 1) / 2) * width for m in range(len(metrics))],
+               [v if v is not None else 0 for v in values], width=width, label=name)
+    ax.set_xticks(range(len(metrics)), [label for label, _ in metrics], rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("forget: lower is better; everything else: higher is better")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_comparison(named_results, output_dir):
+    """comparison.md and comparison.png in output_dir, each written to a temp file and renamed."""
+    os.makedirs(output_dir, exist_ok=True)
+    table_path = os.path.join(output_dir, "comparison.md")
+    with open(table_path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(comparison_table(named_results) + "\n")
+    os.replace(table_path + ".tmp", table_path)
+    plot_path = os.path.join(output_dir, "comparison.png")
+    plot_comparison(named_results, plot_path + ".tmp.png")
+    os.replace(plot_path + ".tmp.png", plot_path)
+    return table_path, plot_path
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs = []
+    while argv and not argv[0].startswith("-"):
+        runs.append(argv.pop(0))
+    (args,) = parse_config((CompareArguments,), argv)
+    if not runs:
+        raise InputError("give one or more evaluate.py output dirs before the options")
+    if not args.output_dir:
+        raise InputError("--output_dir is required")
+    names = [n.strip() for n in args.names.split(",")] if args.names else [run_name(path) for path in runs]
+    if len(names) != len(runs):
+        raise InputError(f"--names has {len(names)} names for {len(runs)} runs")
+    named_results = [(name, load_results(path)) for name, path in zip(names, runs)]
+    table_path, plot_path = write_comparison(named_results, args.output_dir)
+    print(comparison_table(named_results))
+    print(f"wrote {table_path} and {plot_path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
