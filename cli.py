@@ -4,6 +4,7 @@ Configuration the Hugging Face way: ``HfArgumentParser`` dataclasses. A YAML fil
 argument sets the defaults; flags after it override them (``train.py configs/paper.yaml --learning_rate 5e-5``).
 """
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -20,24 +21,57 @@ def parse_config(dataclass_types, argv=None):
     """Parse ``[config.yaml] [--flag value ...]`` into the given dataclasses; YAML keys are checked by name."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    parser.error = _argparse_error  # a bad flag value is one line, not the whole usage text
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
         config_path = argv.pop(0)
-        parser.set_defaults(**load_yaml_config(config_path, dataclass_types))
+        values = load_yaml_config(config_path, dataclass_types)
+        parser.set_defaults(**{key: _yaml_value(parser, config_path, key, value) for key, value in values.items()})
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                              return_remaining_strings=True)
     except ValueError as error:  # dataclass __post_init__ validation
         raise InputError(str(error)) from None
+    if unknown:
+        raise InputError(f"unknown option or stray value: {' '.join(unknown)} (see --help for the valid options)")
+    return tuple(parsed)
+
+
+def _argparse_error(message):
+    raise InputError(f"{message} (see --help)")
+
+
+def _yaml_value(parser, path, key, value):
+    """Parse a YAML value as the flag ``--key`` would parse it, so a wrong type fails now, naming the file."""
+    if value is None:
+        return value
+    if isinstance(value, (list, dict)):
+        raise InputError(f"{path}: option '{key}' must be a single value, not a {type(value).__name__}")
+    action = next((a for a in parser._actions if a.dest == key and a.type is not None), None)
+    if action is None:
+        return value
+    try:
+        converted = action.type(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        expected = {int: "an integer", float: "a number", str: "a string"}.get(action.type) or \
+            ("true or false" if getattr(action.type, "__name__", "") == "string_to_bool" else "a valid value")
+        raise InputError(f"{path}: option '{key}' must be {expected}, got {value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise InputError(f"{path}: option '{key}' must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted
 
 
 def load_yaml_config(path, dataclass_types):
     """Read a YAML mapping of option -> value; an unknown key is an error naming the key and the file."""
     if not os.path.isfile(path):
-        raise InputError(f"{path}: config file not found")
+        raise InputError(f"{path}: config file not found; check the path")
     try:
         with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InputError(f"{where}: not valid YAML ({problem}); expected lines of option: value") from None
     if not isinstance(values, dict):
         raise InputError(f"{path}: a config file must be a mapping of option: value")
     known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}

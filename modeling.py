@@ -17,8 +17,15 @@ def load_tokenizer(name_or_path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError) as error:
+        if not os.path.isdir(name_or_path):
+            raise InputError(f"{name_or_path}: no such model directory, and not loadable as a hub model id "
+                             f"({str(error).splitlines()[0][:200]}); check the path") from None
         raise InputError(f"{name_or_path}: cannot load a tokenizer ({str(error).splitlines()[0][:200]}); "
                          f"save one next to the model with tokenizer.save_pretrained") from None
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_ids)):
+        # transformers 5 builds an empty tokenizer from config.json alone when the tokenizer files are missing
+        raise InputError(f"{name_or_path}: no tokenizer files (loading gave an empty vocabulary); "
+                         f"save one next to the model with tokenizer.save_pretrained")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -50,8 +57,9 @@ def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=Fals
         kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as error:
-        raise InputError(f"{name_or_path}: cannot load a causal LM ({str(error).splitlines()[0][:200]})") from None
+    except (OSError, ValueError) as error:  # ValueError: no config.json / no model_type in it
+        raise InputError(f"{name_or_path}: cannot load a causal LM ({str(error).splitlines()[0][:200]}); "
+                         f"expected a model saved with save_pretrained (config.json + weights)") from None
 
 
 def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, quantized=False):
@@ -96,6 +104,8 @@ def merge_adapter(base_name_or_path, adapter_dir, dtype="auto"):
 
 def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None):
     """Refuse an output dir that is (or holds) an input, or that already holds a finished run."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise InputError(f"--output_dir {output_dir}: exists and is not a directory; choose a directory path")
     out = os.path.realpath(output_dir)
     for path in input_paths:
         if path and os.path.exists(path):

@@ -39,8 +39,10 @@ def record_kind(record_id):
 
 def _read_rows(path):
     """Yield (line_number, row dict) from a .jsonl or .parquet file, with one-line errors naming file and line."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; give the .jsonl or .parquet file in it")
     if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found; check the path")
     extension = os.path.splitext(path)[1]
     if extension == ".parquet":
         import pandas as pd
@@ -48,7 +50,8 @@ def _read_rows(path):
         try:
             frame = pd.read_parquet(path)
         except Exception as error:  # pyarrow raises many types for a corrupt file
-            raise InputError(f"{path}: cannot read parquet ({error})") from None
+            raise InputError(f"{path}: cannot read parquet ({str(error).splitlines()[0][:200]}); "
+                             f"rewrite it with pandas.DataFrame.to_parquet") from None
         for index, row in enumerate(frame.to_dict(orient="records"), start=1):
             yield index, row
         return
@@ -65,10 +68,22 @@ def _read_rows(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg}); "
+                                 f"each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{line_number}: expected a JSON object with id, input, output, task")
             yield line_number, row
+
+
+def _type_name(value):
+    """JSON's name for a value's type (null, number, array, ...), else the Python/numpy one."""
+    if value is None or (isinstance(value, float) and value != value):  # pandas reads a missing string as NaN
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def load_records(path):
@@ -80,7 +95,8 @@ def load_records(path):
             if field not in row:
                 raise InputError(f"{where}: missing field '{field}' (each row needs id, input, output, task)")
             if not isinstance(row[field], str):
-                raise InputError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+                raise InputError(f"{where}: field '{field}' must be a string, got {_type_name(row[field])}; "
+                                 f"write it as text (a quoted JSON string)")
             if len(row[field]) > MAX_FIELD_CHARS:
                 raise InputError(f"{where}: field '{field}' has {len(row[field])} characters "
                                  f"(limit {MAX_FIELD_CHARS}); split or shorten it")
@@ -90,12 +106,14 @@ def load_records(path):
         if row["task"] not in TASKS:
             raise InputError(f"{where}: unknown task {row['task']!r} (expected one of {', '.join(TASKS)})")
         if row["id"] in seen:
-            raise InputError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+            raise InputError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]}); "
+                             f"ids must be unique")
         seen[row["id"]] = line_number
         split = row.get("split") or ""
         records.append(Record(row["id"], row["input"], row["output"], row["task"], str(split)))
     if not records:
-        raise InputError(f"{path}: no records (the file is empty)")
+        raise InputError(f"{path}: no records (the file is empty); "
+                         f"expected one row per line with id, input, output, task")
     return records
 
 
@@ -111,7 +129,7 @@ def find_split_file(data_dir, split):
 def resolve_data_files(data_dir=None, forget_file=None, retain_file=None):
     """Explicit files win over ``data_dir``; returns (forget_path, retain_path), either may be None."""
     if data_dir and not os.path.isdir(data_dir):
-        raise InputError(f"--data_dir {data_dir}: directory not found")
+        raise InputError(f"--data_dir {data_dir}: directory not found; check the path")
     if data_dir:
         forget_file = forget_file or find_split_file(data_dir, "forget")
         retain_file = retain_file or find_split_file(data_dir, "retain")
