@@ -7,12 +7,14 @@ gradient interference alpha / L_ntp (or a baseline objective), optional idk batc
 LoRA (peft) on all linear layers by default; runs unchanged on one CPU process or many GPUs (accelerate / DeepSpeed).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -148,6 +150,12 @@ def check_arguments(model_args, data_args, train_args):
         raise InputError("--output_dir is required")
     if data_args.augment not in AUGMENT_MODES:
         raise InputError(f"--augment {data_args.augment}: expected one of {', '.join(AUGMENT_MODES)}")
+    from modeling import DTYPES
+
+    if model_args.torch_dtype not in DTYPES:
+        raise InputError(f"--torch_dtype {model_args.torch_dtype}: expected one of {', '.join(DTYPES)}")
+    if data_args.loss_on not in ("output", "all"):
+        raise InputError(f"--loss_on {data_args.loss_on}: expected 'output' or 'all'")
     if data_args.max_length < 8:
         raise InputError(f"--max_length {data_args.max_length}: must be >= 8")
     if model_args.load_in_8bit and model_args.load_in_4bit:
@@ -314,6 +322,12 @@ def flat_config(*argument_objects):
 
 
 def train(model_args, data_args, train_args):
+    """Run one unlearning job; returns its summary (also written to train_config.yaml)."""
+    with preemption_signals() as stop_signal:
+        return run_training(model_args, data_args, train_args, stop_signal)
+
+
+def run_training(model_args, data_args, train_args, stop_signal):
     from modeling import add_lora, check_output_dir, load_model, load_tokenizer
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -326,7 +340,6 @@ def train(model_args, data_args, train_args):
     if checkpoint is None and list_checkpoints(train_args.output_dir) and not train_args.overwrite_output_dir:
         raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
-    stop_signal = watch_preemption_signals()
     # all input is read and checked before anything is created on disk
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     examples = build_examples(tokenizer, data_args, train_args)
@@ -486,18 +499,21 @@ def train(model_args, data_args, train_args):
 
 # --- checkpoints, resume, preemption ------------------------------------------------------------------------------
 
-def watch_preemption_signals():
-    """SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) ask the loop to checkpoint and exit."""
-    import signal
-
+@contextlib.contextmanager
+def preemption_signals():
+    """While training, SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) ask the loop to checkpoint and
+    exit; the previous handlers come back afterwards (train() may be called from a larger program)."""
     state = {"received": False, "start": time.time()}
 
     def request_stop(signum, frame):
         state["received"] = True
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-    return state
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield state
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def list_checkpoints(output_dir):
@@ -604,8 +620,13 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
             unwrapped.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
         config = flat_config(model_args, data_args, train_args)
+        # how it ran, from the accelerate config file chosen at launch (the code is the same at every scale)
+        plugin = accelerator.state.deepspeed_plugin
+        zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin else None
+        launch = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
+                  "mixed_precision": accelerator.mixed_precision, "zero_stage": zero_stage}
         with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
-            yaml.safe_dump({"config": config, "result": summary}, f, sort_keys=False)
+            yaml.safe_dump({"config": config, "result": summary, "launch": launch}, f, sort_keys=False)
         publish(staging, train_args.output_dir, last=DONE_MARKER)
         accelerator.print(f"saved to {train_args.output_dir}")
     accelerator.wait_for_everyone()
