@@ -1,0 +1,604 @@
+"""Evaluate a model the SemEval-2025 Task 4 (LUME) way: regurgitation + knowledge on forget/retain, loss-based MIA,
+MMLU, and the official aggregate. Reproduces the organizers' final scorer, only batched and sharded.
+
+    python evaluate.py --model_name_or_path MODEL --data_dir DATA --mia_data_dir MIA --mmlu_dir MMLU --output_dir OUT
+    accelerate launch evaluate.py ...                      # rows sharded over processes, main process writes
+    python evaluate.py --predictions_dir OUT --output_dir OUT2   # recompute every metric from saved CSVs, no model
+
+Writes ``OUT/evaluation_results.json`` (official keys + extras), per-row ``forget.csv``/``retain.csv``,
+``mia_losses.csv``, ``mmlu_per_subject.csv`` and ``scores.png``; everything appears at once, the json last.
+The metric code lives in scoring.py; this file runs the model and handles files.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import cli
+import records
+import scoring
+from cli import InputError
+
+RESULTS_FILE = "evaluation_results.json"
+ROW_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "rouge_l_recall", "exact_match"]
+MIA_COLUMNS = ["set", "id", "loss"]
+MMLU_COLUMNS = ["subject", "category", "n", "correct", "accuracy"]
+MMLU_MAX_PROMPT_TOKENS = 2048  # the reference harness drops worked examples until the prompt fits
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Model dir or hub id to evaluate."})
+    adapter: Optional[str] = field(default=None, metadata={
+        "help": "peft LoRA adapter dir applied on top of the model, unmerged."})
+    data_dir: Optional[str] = field(default=None, metadata={
+        "help": "Dir with forget.jsonl|parquet and retain.jsonl|parquet."})
+    forget_file: Optional[str] = field(default=None, metadata={"help": "Forget split file (overrides --data_dir)."})
+    retain_file: Optional[str] = field(default=None, metadata={"help": "Retain split file (overrides --data_dir)."})
+    mia_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "Dir with member.jsonl and nonmember.jsonl for the loss-based membership inference attack."})
+    mmlu_dir: Optional[str] = field(default=None, metadata={
+        "help": "Hendrycks MMLU dir: test/<subject>_test.csv (and dev/<subject>_dev.csv for --mmlu_ntrain)."})
+    mmlu_ntrain: int = field(default=0, metadata={"help": "Worked examples per MMLU prompt, from dev/ (0 = zero-shot)."})
+    mmlu_limit: int = field(default=0, metadata={"help": "Only the first N MMLU questions per subject (0 = all)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Greedy generation length limit (official: 256)."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Prompts/documents per forward pass (generation, MIA and MMLU)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where results are written (required)."})
+    predictions_dir: Optional[str] = field(default=None, metadata={
+        "help": "Recompute all metrics from a previous run's forget.csv/retain.csv (and mia_losses.csv, "
+                "mmlu_per_subject.csv when present) without loading a model."})
+    torch_dtype: str = field(default="bfloat16", metadata={
+        "help": "auto, bfloat16 (the official scorer's dtype), float16 or float32."})
+    mmlu_threshold: float = field(default=0.371, metadata={
+        "help": "Warn when MMLU accuracy is below this (0.371 = the 7B track's cut-off)."})
+    length_threshold: int = field(default=0, metadata={
+        "help": "Word count splitting sc expected outputs into short (<=) and long (>) for the by-length "
+                "breakdown; 0 = the median over all evaluated sc rows."})
+    limit: int = field(default=0, metadata={
+        "help": "Only the first N rows of each split (quick checks; not the official score). 0 = all."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace a finished evaluation already in --output_dir."})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        if bool(self.model_name_or_path) == bool(self.predictions_dir):
+            raise ValueError("give exactly one of --model_name_or_path (run a model) or --predictions_dir "
+                             "(rescore saved predictions)")
+        for name in ("mmlu_ntrain", "mmlu_limit", "length_threshold", "limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch_size and --max_new_tokens must be >= 1")
+
+
+# --- running work over processes ------------------------------------------------------------------------------------
+
+def run_sharded(items, work, accelerator=None):
+    """``work(items) -> results`` (same order), split over processes: rank r takes items r, r+W, r+2W, ...
+
+    Results are gathered with their item index and de-duplicated by it, so every item counts exactly once (the
+    official script padded shards and duplicated rows). Every process returns the full, ordered list.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return work(items)
+    from accelerate.utils import gather_object
+
+    indices = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    results = work([items[i] for i in indices]) if indices else []
+    by_index = dict(gather_object(list(zip(indices, results))))
+    if sorted(by_index) != list(range(len(items))):
+        raise RuntimeError("sharded evaluation lost rows while gathering")
+    return [by_index[i] for i in range(len(items))]
+
+
+def _progress(total, desc, show):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=True)
+
+
+def _batches_by_length(lengths, batch_size):
+    """Index batches, longest first (an out-of-memory shows at once, and padding is minimal)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _stop_token_ids(model, tokenizer):
+    """The ids greedy generation stops at: the model's generation config eos, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+# --- model running --------------------------------------------------------------------------------------------------
+
+def clean_up_tokenization(text):
+    """transformers 4.x's ``clean_up_tokenization_spaces=True`` step, which the official scorer (Jan 2025) applied
+    to every decode. transformers 5 silently skips it for BPE tokenizers (OLMo's included), so it is applied here
+    explicitly to reproduce the official strings (e.g. 'Paris .' -> 'Paris.', which changes an exact match)."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
+            .replace(" 're", "'re"))
+
+
+def decode_generation(tokenizer, new_ids):
+    """New tokens -> text as the official scorer decoded them: special tokens skipped, 4.x clean-up applied."""
+    text = tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return clean_up_tokenization(text)
+
+
+def generate_outputs(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, show_progress=False):
+    """Greedy continuations of raw prompts, decoded without special tokens, in input order.
+
+    Prompts are tokenised as the official scorer does (records.encode_prompt), left-padded with an attention mask
+    and batched by length. Each row is cut after its first stop token, so batching only adds trailing padding that
+    is never decoded: in float32 the strings equal batch-size-1 generation.
+    """
+    import torch
+
+    encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise InputError(f"prompt {i} ({prompts[i][:40]!r}) tokenises to nothing; cannot generate from it")
+    stop_ids = _stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    outputs = [None] * len(prompts)
+    bar = _progress(len(prompts), "generate", show_progress)
+    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch],
+                                      device=device)
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                       eos_token_id=stop_ids, pad_token_id=pad_id)
+        for i, new_ids in zip(batch, generated[:, width:].tolist()):
+            for position, token in enumerate(new_ids):
+                if token in stop_ids:
+                    new_ids = new_ids[:position + 1]
+                    break
+            outputs[i] = decode_generation(tokenizer, new_ids)
+        bar.update(len(batch))
+    bar.close()
+    return outputs
+
+
+def document_losses(model, tokenizer, documents, batch_size=16, show_progress=False):
+    """Mean next-token cross-entropy of each whole document (labels = input ids, tokenizer defaults), as
+    ``model(ids, labels=ids).loss`` gives it one at a time. Right padding is masked out of the mean.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    encoded = [tokenizer(document)["input_ids"] for document in documents]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    losses = [None] * len(documents)
+    bar = _progress(len(documents), "mia", show_progress)
+    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
+        examples = [{"input_ids": encoded[i]} for i in batch]
+        padded = records.pad_batch(examples, pad_id, padding_side="right")
+        with torch.no_grad():
+            logits = model(input_ids=padded["input_ids"].to(device),
+                           attention_mask=padded["attention_mask"].to(device)).logits
+        # Like transformers' loss: float32 logits, token t predicts token t+1.
+        logits = logits[:, :-1].float()
+        labels = padded["labels"][:, 1:].to(device)
+        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        counts = (labels != -100).sum(dim=1)
+        for i, total, count in zip(batch, token_loss.sum(dim=1).tolist(), counts.tolist()):
+            losses[i] = total / count if count else float("nan")
+        bar.update(len(batch))
+    bar.close()
+    return losses
+
+
+def choice_logits(model, tokenizer, prompts, batch_size=16, show_progress=False):
+    """Next-token logits of " A".." D" after each prompt (left-padded batches, positions counted from the first
+    real token, so padding changes nothing)."""
+    import torch
+
+    choice_ids = scoring.mmlu_choice_token_ids(tokenizer)
+    encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    results = [None] * len(prompts)
+    bar = _progress(len(prompts), "mmlu", show_progress)
+    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
+        examples = [{"input_ids": encoded[i]} for i in batch]
+        padded = records.pad_batch(examples, pad_id, padding_side="left")
+        attention_mask = padded["attention_mask"].to(device)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=padded["input_ids"].to(device), attention_mask=attention_mask,
+                           position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
+        for i, row in zip(batch, logits[:, choice_ids].float().tolist()):
+            results[i] = row
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def _read_mmlu_csv(path):
+    """Rows (question, [A, B, C, D], answer) of a headerless Hendrycks CSV, strings kept exactly as written."""
+    import csv
+
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line_number, row in enumerate(csv.reader(f), start=1):
+                if len(row) != 6:
+                    raise InputError(f"{path}: row {line_number} has {len(row)} fields "
+                                     f"(expected question,A,B,C,D,answer)")
+                if row[5].strip() not in scoring.MMLU_CHOICES:
+                    raise InputError(f"{path}: row {line_number} answer {row[5]!r} is not A, B, C or D")
+                rows.append((row[0], row[1:5], row[5].strip()))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def load_mmlu(mmlu_dir, ntrain=0, limit=0):
+    """MMLU questions as dicts {subject, question, choices, answer, shots}, subjects in name order."""
+    test_dir = os.path.join(mmlu_dir, "test")
+    if not os.path.isdir(test_dir):
+        raise InputError(f"--mmlu_dir {mmlu_dir}: no test/ directory (expected test/<subject>_test.csv)")
+    paths = sorted(glob.glob(os.path.join(test_dir, "*_test.csv")))
+    if not paths:
+        raise InputError(f"--mmlu_dir {mmlu_dir}: no <subject>_test.csv files in test/")
+    questions = []
+    for path in paths:
+        subject = os.path.basename(path)[:-len("_test.csv")]
+        shots = []
+        if ntrain:
+            dev_path = os.path.join(mmlu_dir, "dev", f"{subject}_dev.csv")
+            if not os.path.isfile(dev_path):
+                raise InputError(f"--mmlu_ntrain {ntrain} needs {dev_path} (worked examples come from dev/)")
+            shots = _read_mmlu_csv(dev_path)[:ntrain]
+        rows = _read_mmlu_csv(path)
+        for question, choices, answer in rows[:limit] if limit else rows:
+            questions.append({"subject": subject, "question": question, "choices": choices, "answer": answer,
+                              "shots": shots})
+    return questions
+
+
+def mmlu_prompts(tokenizer, questions):
+    """Prompts for the questions, with as many worked examples as fit in 2048 tokens (as the reference harness)."""
+    prompts = []
+    for q in questions:
+        k = len(q["shots"])
+        prompt = scoring.mmlu_prompt(q["subject"], q["question"], q["choices"], q["shots"][:k])
+        while k > 0 and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > MMLU_MAX_PROMPT_TOKENS:
+            k -= 1
+            prompt = scoring.mmlu_prompt(q["subject"], q["question"], q["choices"], q["shots"][:k])
+        prompts.append(prompt)
+    return prompts
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+
+def evaluate_model(model, tokenizer, forget_records=None, retain_records=None, member_documents=None,
+                   nonmember_documents=None, mmlu_questions=None, max_new_tokens=256, batch_size=16,
+                   accelerator=None, show_progress=False, length_threshold=0, mmlu_threshold=0.371):
+    """Run the model on whatever data is given; returns (results, tables), identical on every process.
+
+    ``*_records``: lists of records.Record; ``*_documents``: lists of (id, text) from records.load_documents;
+    ``mmlu_questions``: from load_mmlu. ``tables`` holds the per-row data that write_outputs saves and
+    compute_results scores (so rescoring saved CSVs reproduces the same numbers).
+    """
+    was_training = model.training
+    model.eval()  # train.py may hand over a model mid-training: no dropout while scoring, restored below
+    try:
+        tables, timings = _run_model(model, tokenizer, forget_records, retain_records, member_documents,
+                                     nonmember_documents, mmlu_questions, max_new_tokens, batch_size, accelerator,
+                                     show_progress)
+    finally:
+        model.train(was_training)
+    results = compute_results(tables, length_threshold=length_threshold, mmlu_threshold=mmlu_threshold)
+    results["timings"] = {**timings, **results["timings"]}
+    return results, tables
+
+
+def _run_model(model, tokenizer, forget_records, retain_records, member_documents, nonmember_documents,
+               mmlu_questions, max_new_tokens, batch_size, accelerator, show_progress):
+    tables, timings = {}, {}
+    start = time.perf_counter()
+    for split, split_records in (("forget", forget_records), ("retain", retain_records)):
+        if not split_records:
+            continue
+        t0 = time.perf_counter()
+        outputs = run_sharded([r.input for r in split_records], lambda prompts: generate_outputs(
+            model, tokenizer, prompts, max_new_tokens, batch_size, show_progress), accelerator)
+        timings[f"generation_{split}_s"] = time.perf_counter() - t0
+        tables[split] = [{"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
+                          "model_output": output} for r, output in zip(split_records, outputs)]
+    if member_documents and nonmember_documents:
+        t0 = time.perf_counter()
+        documents = [("member", d) for d in member_documents] + [("nonmember", d) for d in nonmember_documents]
+        losses = run_sharded([text for _, (_, text) in documents], lambda texts: document_losses(
+            model, tokenizer, texts, batch_size, show_progress), accelerator)
+        tables["mia"] = [{"set": kind, "id": doc_id, "loss": loss}
+                         for (kind, (doc_id, _)), loss in zip(documents, losses)]
+        timings["mia_s"] = time.perf_counter() - t0
+    if mmlu_questions:
+        t0 = time.perf_counter()
+        prompts = mmlu_prompts(tokenizer, mmlu_questions)
+        logits = run_sharded(prompts, lambda chunk: choice_logits(model, tokenizer, chunk, batch_size,
+                                                                  show_progress), accelerator)
+        tables["mmlu"] = mmlu_subject_rows(mmlu_questions, [scoring.mmlu_pick(row) for row in logits])
+        timings["mmlu_s"] = time.perf_counter() - t0
+    timings["model_s"] = time.perf_counter() - start
+    return tables, timings
+
+
+def mmlu_subject_rows(questions, predictions):
+    """Per-subject {subject, category, n, correct, accuracy} in subject order."""
+    counts = {}
+    for q, predicted in zip(questions, predictions):
+        entry = counts.setdefault(q["subject"], [0, 0])
+        entry[0] += int(predicted == q["answer"])
+        entry[1] += 1
+    return [{"subject": s, "category": scoring.mmlu_category(s), "n": n, "correct": c, "accuracy": c / n}
+            for s, (c, n) in counts.items()]
+
+
+def compute_results(tables, length_threshold=0, mmlu_threshold=0.371):
+    """evaluation_results.json content from per-row tables; scores the forget/retain rows in place."""
+    t0 = time.perf_counter()
+    for split in ("forget", "retain"):
+        for row in tables.get(split, []):
+            row["rouge_l_recall"], row["exact_match"] = scoring.score_row(row["id"], row["expected_output"],
+                                                                          row["model_output"])
+    results = scoring.task_results(tables.get("forget"), tables.get("retain"))
+    if "mia" in tables:
+        members = [row["loss"] for row in tables["mia"] if row["set"] == "member"]
+        nonmembers = [row["loss"] for row in tables["mia"] if row["set"] == "nonmember"]
+        try:
+            results["mia_loss_acc"] = scoring.mia_auc(members, nonmembers)
+        except ValueError as error:
+            raise InputError(f"MIA: {error}") from None
+        results["mia_final_score"] = scoring.mia_final_score(results["mia_loss_acc"])
+        results["mia_documents"] = {"member": len(members), "nonmember": len(nonmembers)}
+    if "mmlu" in tables:
+        summary = scoring.mmlu_summary(tables["mmlu"])
+        results["mmlu_average"] = summary["mmlu_average"]
+        results["mmlu_questions"] = summary["mmlu_questions"]
+        results["mmlu_per_category"] = summary["mmlu_per_category"]
+        results["mmlu_below_threshold"] = summary["mmlu_average"] < mmlu_threshold
+    score, used = scoring.final_aggregate(results.get("harmonic-mean-task-aggregate"),
+                                          results.get("mia_final_score"), results.get("mmlu_average"))
+    results["aggregate-score"] = score
+    results["aggregate-score-components"] = used
+    results["by-length"] = by_length(tables, length_threshold)
+    results["rows"] = {split: len(tables[split]) for split in ("forget", "retain") if split in tables}
+    results["timings"] = {"scoring_s": time.perf_counter() - t0}
+    return results
+
+
+def by_length(tables, length_threshold=0):
+    """Regurgitation of short vs long sc expected outputs per split; the default split point is the median."""
+    counts = [len(row["expected_output"].split()) for split in ("forget", "retain") for row in tables.get(split, [])
+              if records.record_kind(row["id"]) == "sc"]
+    if not counts:
+        return None
+    threshold = length_threshold or statistics.median(counts)
+    result = {"threshold_words": threshold, "threshold_source": "--length_threshold" if length_threshold else
+              "median word count of the evaluated sc expected outputs"}
+    for split in ("forget", "retain"):
+        if split in tables:
+            result[split] = scoring.length_breakdown(tables[split], threshold)
+    return result
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+
+def _read_csv(path, columns):
+    """A saved table as a list of dicts of strings: '' stays '' (keep_default_na=False), '007' stays '007'."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except Exception as error:  # pandas raises several parser error types
+        raise InputError(f"{path}: cannot read CSV ({str(error).splitlines()[0]})") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame.to_dict(orient="records")
+
+
+def load_predictions(predictions_dir):
+    """Tables from a previous run's output dir (forget.csv / retain.csv, optional mia_losses.csv,
+    mmlu_per_subject.csv)."""
+    if not os.path.isdir(predictions_dir):
+        raise InputError(f"--predictions_dir {predictions_dir}: directory not found")
+    tables = {}
+    for split in ("forget", "retain"):
+        path = os.path.join(predictions_dir, f"{split}.csv")
+        if os.path.isfile(path):
+            rows = _read_csv(path, ROW_COLUMNS[:5])
+            for line, row in enumerate(rows, start=2):
+                if records.record_kind(row["id"]) is None:
+                    raise InputError(f"{path}:{line}: id {row['id']!r} does not end in sc<digit> or qa<digit>")
+            tables[split] = [{key: row[key] for key in ROW_COLUMNS[:5]} for row in rows]
+    if not tables:
+        raise InputError(f"--predictions_dir {predictions_dir}: no forget.csv or retain.csv there")
+    path = os.path.join(predictions_dir, "mia_losses.csv")
+    if os.path.isfile(path):
+        try:
+            tables["mia"] = [{"set": r["set"], "id": r["id"], "loss": float(r["loss"])}
+                             for r in _read_csv(path, MIA_COLUMNS)]
+        except ValueError:
+            raise InputError(f"{path}: a loss is not a number") from None
+    path = os.path.join(predictions_dir, "mmlu_per_subject.csv")
+    if os.path.isfile(path):
+        try:
+            tables["mmlu"] = [{"subject": r["subject"], "category": scoring.mmlu_category(r["subject"]),
+                               "n": int(r["n"]), "correct": int(r["correct"]),
+                               "accuracy": int(r["correct"]) / int(r["n"])}
+                              for r in _read_csv(path, MMLU_COLUMNS)]
+        except (ValueError, ZeroDivisionError):
+            raise InputError(f"{path}: n and correct must be integers, n > 0") from None
+    return tables
+
+
+def plot_scores(results, path):
+    """Bar chart of per-task regurgitation and knowledge, forget vs retain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [split for split in scoring.SPLITS if f"{split}-set" in results]
+    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        block = results[f"{split}-set"]
+        for offset, (_, key) in zip((-0.2, 0.2), scoring.KINDS):
+            values = [(block.get(task) or {}).get(key) for task in records.TASKS]
+            ax.bar([i + offset for i in range(len(records.TASKS))], [v if v is not None else 0 for v in values],
+                   width=0.4, label=key.replace("-score", ""))
+        ax.set_xticks(range(len(records.TASKS)), records.TASKS)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{split} set (lower is better)" if split == "forget" else f"{split} set (higher is better)")
+        ax.legend(loc="upper right", fontsize=8)
+    score = results.get("aggregate-score")
+    fig.suptitle("aggregate score: " + (f"{score:.3f}" if score is not None else "n/a"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(results, tables, output_dir):
+    """Write everything to a staging dir beside output_dir, then publish it with the json last."""
+    import pandas as pd
+
+    from modeling import publish
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".eval-staging-", dir=parent)
+    for split in ("forget", "retain"):
+        if split in tables:
+            pd.DataFrame(tables[split], columns=ROW_COLUMNS).to_csv(os.path.join(staging, f"{split}.csv"),
+                                                                    index=False)
+    if "mia" in tables:
+        pd.DataFrame(tables["mia"], columns=MIA_COLUMNS).to_csv(os.path.join(staging, "mia_losses.csv"), index=False)
+    if "mmlu" in tables:
+        pd.DataFrame(tables["mmlu"], columns=MMLU_COLUMNS).to_csv(os.path.join(staging, "mmlu_per_subject.csv"),
+                                                                  index=False)
+    plot_scores(results, os.path.join(staging, "scores.png"))
+    with open(os.path.join(staging, RESULTS_FILE), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=4)
+    # A stale json must not sit beside new CSVs while they are moved in.
+    stale = os.path.join(output_dir, RESULTS_FILE)
+    if os.path.exists(stale):
+        os.remove(stale)
+    publish(staging, output_dir, last=RESULTS_FILE)
+
+
+def summary_lines(results):
+    lines = []
+    for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average",
+                "aggregate-score"):
+        if results.get(key) is not None:
+            lines.append(f"{key:30s} {results[key]:.4f}")
+    if results.get("skipped-terms"):
+        lines.append(f"skipped terms (no rows): {', '.join(results['skipped-terms'])}")
+    return lines
+
+
+# --- entry point ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    (args,) = cli.parse_config([EvalArguments], argv)
+    from modeling import check_output_dir
+
+    config = {**dataclasses.asdict(args)}
+    if args.predictions_dir:
+        check_output_dir(args.output_dir, [args.predictions_dir], args.overwrite_output_dir, RESULTS_FILE)
+        tables = load_predictions(args.predictions_dir)
+        results = compute_results(tables, args.length_threshold, args.mmlu_threshold)
+        results["config"] = config
+        write_outputs(results, tables, args.output_dir)
+        finish(results, args)
+        return results
+
+    # Read and check every input before loading the model, so bad input fails in a second with nothing written.
+    forget_file, retain_file = records.resolve_data_files(args.data_dir, args.forget_file, args.retain_file)
+    forget_records = records.load_records(forget_file) if forget_file else None
+    retain_records = records.load_records(retain_file) if retain_file else None
+    if args.limit:
+        forget_records = forget_records[:args.limit] if forget_records else None
+        retain_records = retain_records[:args.limit] if retain_records else None
+    for split_records in (forget_records or [], retain_records or []):
+        for r in split_records:
+            if not r.input:
+                raise InputError(f"row {r.id!r} has an empty input: there is no prompt to generate from")
+    members = nonmembers = None
+    if args.mia_data_dir:
+        if not os.path.isdir(args.mia_data_dir):
+            raise InputError(f"--mia_data_dir {args.mia_data_dir}: directory not found")
+        members = records.load_documents(os.path.join(args.mia_data_dir, "member.jsonl"))
+        nonmembers = records.load_documents(os.path.join(args.mia_data_dir, "nonmember.jsonl"))
+    questions = load_mmlu(args.mmlu_dir, args.mmlu_ntrain, args.mmlu_limit) if args.mmlu_dir else None
+    if not (forget_records or retain_records or members or questions):
+        raise InputError("nothing to evaluate: give --data_dir/--forget_file/--retain_file, --mia_data_dir "
+                         "or --mmlu_dir")
+    inputs = [args.model_name_or_path, args.adapter, args.data_dir, forget_file, retain_file, args.mia_data_dir,
+              args.mmlu_dir]
+    check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE)
+
+    from accelerate import Accelerator
+
+    from modeling import load_for_inference
+
+    accelerator = Accelerator()
+    t0 = time.perf_counter()
+    model, tokenizer = load_for_inference(args.model_name_or_path, args.adapter, args.torch_dtype)
+    model.to(accelerator.device)
+    load_s = time.perf_counter() - t0
+    results, tables = evaluate_model(
+        model, tokenizer, forget_records, retain_records, members, nonmembers, questions,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, accelerator=accelerator,
+        show_progress=accelerator.is_main_process, length_threshold=args.length_threshold,
+        mmlu_threshold=args.mmlu_threshold)
+    results["timings"]["load_s"] = load_s
+    config["num_processes"] = accelerator.num_processes
+    config["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    results["config"] = config
+    if accelerator.is_main_process:
+        write_outputs(results, tables, args.output_dir)
+        finish(results, args)
+    if accelerator.num_processes > 1:
+        # torch's gloo backend sometimes aborts in its exit handlers: flush, then leave without them.
+        accelerator.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return results
+
+
+def finish(results, args):
+    for line in summary_lines(results):
+        print(line)
+    if results.get("mmlu_average") is not None and results["mmlu_average"] < args.mmlu_threshold:
+        print(f"[WARNING] MMLU average {results['mmlu_average']:.4f} is below --mmlu_threshold "
+              f"{args.mmlu_threshold}; the challenge would not rank this checkpoint.", file=sys.stderr)
+    print(f"results written to {os.path.join(args.output_dir, RESULTS_FILE)}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

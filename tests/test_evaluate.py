@@ -1,0 +1,327 @@
+"""evaluate.py on the tiny random OLMo (float32): batching changes nothing, saved predictions rescore to the same
+numbers, the CLI writes every file or none, and the real data parse."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import scoring
+from cli import InputError, run_main
+from conftest import CORPUS, ROOT, shared_path
+from records import Record
+
+PROMPTS = [
+    "The quick brown fox",
+    "Who was born in Paris? Marie was born in",
+    "In the mystical city of Deadesius, two sorceresses had long been rivals. I don't",
+    "Question: What is the capital of France?\nA. Paris\nB. Rome\nC. Madrid\nD. Berlin\nAnswer:",
+    "Dr. Smith",
+    "x",
+    CORPUS[0] + " " + CORPUS[1],
+]
+
+
+def make_records():
+    """Sentence-completion and QA rows over all three tasks, with prompts of very different lengths."""
+    tasks = ["Task1", "Task2", "Task3", "Task1", "Task2", "Task3", "Task2"]
+    kinds = ["sc1", "qa0", "sc1", "qa1", "sc1", "qa0", "qa2"]
+    return [Record(f"doc{i}{kind}", prompt, "the lazy dog" if kind == "sc1" else "Paris", task)
+            for i, (prompt, task, kind) in enumerate(zip(PROMPTS, tasks, kinds))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread (thread hand-offs dominate, more so on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from modeling import load_for_inference
+
+    return load_for_inference(tiny_model_dir, dtype="float32")
+
+
+def official_generation(model, tokenizer, prompt, max_new_tokens):
+    """The organizers' loop: one prompt at a time, no attention mask, eos as pad, decode the new tokens."""
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.batch_decode(out[:, len(input_ids[0]):], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)[0]
+    return evaluate.clean_up_tokenization(text)
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+def test_batched_generation_equals_batch_one_and_official_loop(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    one = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
+    batched = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=4)
+    everything = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+    assert one == batched == everything
+    assert one == [official_generation(model, tokenizer, prompt, 24) for prompt in PROMPTS]
+    assert all(text for text in one)
+
+
+def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    free = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+    # Make the third token generated for the first prompt the stop token: rows that produce it end early (at
+    # different steps), the others run to max_new_tokens.
+    input_ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        stop_id = int(model.generate(input_ids, max_new_tokens=3, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)[0, -1])
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = stop_id
+    try:
+        one = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
+        batched = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+        official = [official_generation(model, tokenizer, prompt, 24) for prompt in PROMPTS]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert one == batched == official
+    assert len(one[0]) < len(free[0])
+
+
+def test_scores_identical_across_batch_sizes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    rows = make_records()
+    results = [evaluate.evaluate_model(model, tokenizer, rows[:4], rows[3:], max_new_tokens=16, batch_size=size)
+               for size in (1, 3)]
+    (r1, t1), (r3, t3) = results
+    assert t1 == t3
+    for key in ("forget-set", "retain-set", "aggregated-terms", "harmonic-mean-task-aggregate", "by-length"):
+        assert r1[key] == r3[key]
+
+
+def test_clean_up_tokenization_matches_transformers_4():
+    text = "Paris . Is it ? Yes ! Well , I do n't know , I 'm sure it 's what we 've seen , they 're here ' ok"
+    assert evaluate.clean_up_tokenization(text) == \
+        "Paris. Is it? Yes! Well, I don't know, I'm sure it's what we've seen, they're here'ok"
+
+
+# --- MIA and MMLU ---------------------------------------------------------------------------------------------------
+
+def test_document_losses_batched_equal_batch_one_and_hf_loss(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    one = evaluate.document_losses(model, tokenizer, CORPUS, batch_size=1)
+    batched = evaluate.document_losses(model, tokenizer, CORPUS, batch_size=3)
+    assert torch.allclose(torch.tensor(one), torch.tensor(batched), rtol=1e-5, atol=1e-6)
+    for document, loss in zip(CORPUS, one):
+        ids = tokenizer(document, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = model(ids, labels=ids).loss.item()
+        assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_choice_logits_batched_equal_single_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    questions = [("What is the capital of France?", ["Paris", "Rome", "Madrid", "Berlin"]),
+                 ("Who?", ["Marie", "Smith", "the fox", "the dog"]),
+                 (CORPUS[2] + " Why?", ["rivals", "sorceresses", "city", "I don't know"])]
+    prompts = [scoring.mmlu_prompt("global_facts", q, c) for q, c in questions]
+    batched = evaluate.choice_logits(model, tokenizer, prompts, batch_size=3)
+    choice_ids = [tokenizer.encode(" " + letter, add_special_tokens=False)[-1] for letter in "ABCD"]
+    for prompt, row in zip(prompts, batched):
+        with torch.no_grad():
+            logits = model(tokenizer(prompt, return_tensors="pt").input_ids).logits[0, -1, choice_ids]
+        assert torch.allclose(torch.tensor(row), logits, rtol=1e-4, atol=1e-5)
+        assert scoring.mmlu_pick(row) == "ABCD"[int(logits.argmax())]
+
+
+def test_load_mmlu_limit_shots_and_errors(tmp_path):
+    for split, name in (("test", "anatomy_test.csv"), ("dev", "anatomy_dev.csv")):
+        os.makedirs(tmp_path / split, exist_ok=True)
+        (tmp_path / split / name).write_text('"Q1, with comma",None,NA,1.50,007,A\nQ2,a,b,c,d,D\nQ3,a,b,c,d,C\n')
+    questions = evaluate.load_mmlu(str(tmp_path), ntrain=1, limit=2)
+    assert [q["question"] for q in questions] == ["Q1, with comma", "Q2"]
+    assert questions[0]["choices"] == ["None", "NA", "1.50", "007"]  # kept as written, never NaN or 1.5
+    assert questions[1]["shots"] == [("Q1, with comma", ["None", "NA", "1.50", "007"], "A")]
+    (tmp_path / "test" / "bad_test.csv").write_text("Q,a,b,c,d,E\n")
+    with pytest.raises(InputError, match="bad_test.csv: row 1 answer 'E'"):
+        evaluate.load_mmlu(str(tmp_path))
+    with pytest.raises(InputError, match="no test/ directory"):
+        evaluate.load_mmlu(str(tmp_path / "dev"))
+
+
+# --- saved predictions and the CLI ----------------------------------------------------------------------------------
+
+NUMERIC_KEYS = ("forget-set", "retain-set", "aggregated-terms", "aggregated-term-names", "skipped-terms",
+                "harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average",
+                "mmlu_per_category", "aggregate-score", "aggregate-score-components", "by-length", "rows")
+
+
+def test_predictions_round_trip_keeps_empty_generation(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    rows = make_records()
+    mmlu = [{"subject": "anatomy", "question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "A", "shots": []},
+            {"subject": "college_physics", "question": "R?", "choices": ["e", "f", "g", "h"], "answer": "C",
+             "shots": []}]
+    documents = [(str(i), text) for i, text in enumerate(CORPUS)]
+    _, tables = evaluate.evaluate_model(model, tokenizer, rows[:4], rows[3:], documents[:2], documents[2:], mmlu,
+                                        max_new_tokens=8, batch_size=4)
+    tables["forget"][1]["model_output"] = ""            # an empty generation (official: became "nan")
+    tables["forget"][1]["expected_output"] = ""         # ... that matches an empty answer
+    tables["retain"][0]["model_output"] = "Paris"       # a knowledge hit, so not every term is 0 or 1
+    tables["retain"][1]["model_output"] = "007"         # must stay text, not the number 7
+    results = evaluate.compute_results(tables)
+    assert results["forget-set"]["Task2"]["knowledge-score"] == 1.0
+    evaluate.write_outputs(results, tables, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run")) == ["evaluation_results.json", "forget.csv", "mia_losses.csv",
+                                                     "mmlu_per_subject.csv", "retain.csv", "scores.png"]
+    reloaded = evaluate.load_predictions(str(tmp_path / "run"))
+    assert reloaded["forget"][1]["model_output"] == ""
+    assert reloaded["retain"][1]["model_output"] == "007"
+    again = evaluate.compute_results(reloaded)
+    with open(tmp_path / "run" / "evaluation_results.json") as f:
+        saved = json.load(f)
+    for key in NUMERIC_KEYS:
+        assert again[key] == results[key] == saved[key], key
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture()
+def cli_inputs(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": r.id, "input": r.input, "output": r.output, "task": r.task} for r in make_records()]
+    write_jsonl(data / "forget.jsonl", rows[:4])
+    write_jsonl(data / "retain.jsonl", rows[3:])
+    mia = tmp_path / "mia"
+    mia.mkdir()
+    write_jsonl(mia / "member.jsonl", [{"id": "m0", "document": CORPUS[0]}, {"id": "m1", "document": CORPUS[1]}])
+    write_jsonl(mia / "nonmember.jsonl", [{"id": "n0", "document": CORPUS[2]}, {"id": "n1", "document": CORPUS[3]}])
+    mmlu = tmp_path / "mmlu"
+    (mmlu / "test").mkdir(parents=True)
+    (mmlu / "test" / "anatomy_test.csv").write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d,B\nQ3?,a,b,c,d,C\n")
+    (mmlu / "test" / "astronomy_test.csv").write_text("Q4?,a,b,c,d,D\n")
+    return tmp_path
+
+
+def test_cli_writes_outputs_and_rescoring_matches(tiny_model_dir, cli_inputs, capsys):
+    out = cli_inputs / "out"
+    args = ["--model_name_or_path", tiny_model_dir, "--data_dir", str(cli_inputs / "data"),
+            "--mia_data_dir", str(cli_inputs / "mia"), "--mmlu_dir", str(cli_inputs / "mmlu"),
+            "--output_dir", str(out), "--max_new_tokens", "8", "--batch_size", "3", "--torch_dtype", "float32",
+            "--mmlu_limit", "2"]
+    results = evaluate.main(args)
+    assert results["mmlu_questions"] == 3
+    assert results["aggregate-score-components"] == ["harmonic-mean-task-aggregate", "mia_final_score",
+                                                     "mmlu_average"]
+    assert "[WARNING] MMLU average" in capsys.readouterr().err or results["mmlu_average"] >= 0.371
+    assert [name for name in os.listdir(cli_inputs) if name.startswith(".eval-staging")] == []
+    again = evaluate.main(["--predictions_dir", str(out), "--output_dir", str(cli_inputs / "rescored")])
+    for key in NUMERIC_KEYS:
+        assert again[key] == results[key], key
+    # A finished run is never overwritten silently.
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: evaluate.main(args))
+    assert exit_info.value.code == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data_dir", "/nonexistent"], "directory not found"),
+    (["--mmlu_dir", "/nonexistent"], "no test/ directory"),
+    (["--predictions_dir", "/tmp"], "exactly one of"),
+    (["--batch_size", "0"], "must be >= 1"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: evaluate.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out)] + extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_multi_process_matches_single_process(tiny_model_dir, cli_inputs):
+    """accelerate launch with 2 CPU processes (gloo): every row once, same numbers as one process."""
+    args = ["--model_name_or_path", tiny_model_dir, "--data_dir", str(cli_inputs / "data"),
+            "--mia_data_dir", str(cli_inputs / "mia"), "--mmlu_dir", str(cli_inputs / "mmlu"),
+            "--max_new_tokens", "8", "--batch_size", "2", "--torch_dtype", "float32"]
+    single = evaluate.main(args + ["--output_dir", str(cli_inputs / "single")])
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), os.path.join(ROOT, "evaluate.py")] + args + ["--output_dir", str(cli_inputs / "multi")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(cli_inputs / "multi" / "evaluation_results.json") as f:
+        multi = json.load(f)
+    assert multi["config"]["num_processes"] == 2
+    for key in NUMERIC_KEYS:
+        assert multi[key] == single[key], key
+    with open(cli_inputs / "multi" / "forget.csv") as f, open(cli_inputs / "single" / "forget.csv") as g:
+        assert f.read() == g.read()
+
+
+# --- real data (skipped when ../shared is absent) -------------------------------------------------------------------
+
+def test_real_semeval_validation_parses():
+    from records import load_records, resolve_data_files
+
+    forget_file, retain_file = resolve_data_files(shared_path("semeval25", "validation"))
+    forget, retain = load_records(forget_file), load_records(retain_file)
+    assert (len(forget), len(retain)) == (254, 278)
+    for rows in (forget, retain):
+        kinds = {(r.task, r.kind) for r in rows}
+        assert kinds == {(task, kind) for task in ("Task1", "Task2", "Task3") for kind in ("sc", "qa")}
+
+
+def test_real_mmlu_parses():
+    questions = evaluate.load_mmlu(os.path.dirname(shared_path("mmlu", "test")))
+    subjects = {q["subject"] for q in questions}
+    assert len(subjects) == 57 and len(questions) == 14042
+    assert all(scoring.mmlu_category(subject) != "unknown" for subject in subjects)
+    limited = evaluate.load_mmlu(os.path.dirname(shared_path("mmlu", "test")), limit=10)
+    assert len(limited) == 570
+
+
+def test_empty_input_is_rejected_before_loading(tiny_model_dir, cli_inputs, capsys):
+    write_jsonl(cli_inputs / "data" / "forget.jsonl", [{"id": "asc1", "input": "", "output": "x", "task": "Task1"}])
+    with pytest.raises(SystemExit):
+        run_main(lambda: evaluate.main(["--model_name_or_path", tiny_model_dir, "--data_dir",
+                                        str(cli_inputs / "data"), "--output_dir", str(cli_inputs / "out")]))
+    assert "'asc1' has an empty input" in capsys.readouterr().err
+    assert not (cli_inputs / "out").exists()
+
+
+def test_adapter_is_applied_unmerged(tiny_model_dir, cli_inputs):
+    from modeling import add_lora, load_model
+
+    model = add_lora(load_model(tiny_model_dir, dtype="float32"), r=4)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a fresh adapter is a no-op (B = 0); make it change the model
+    model.save_pretrained(str(cli_inputs / "adapter"))
+    common = ["--model_name_or_path", tiny_model_dir, "--mia_data_dir", str(cli_inputs / "mia"),
+              "--torch_dtype", "float32"]
+    base = evaluate.main(common + ["--output_dir", str(cli_inputs / "base")])
+    adapted = evaluate.main(common + ["--adapter", str(cli_inputs / "adapter"), "--output_dir",
+                                      str(cli_inputs / "adapted")])
+    assert adapted["config"]["adapter"] == str(cli_inputs / "adapter")
+    with open(cli_inputs / "base" / "mia_losses.csv") as f, open(cli_inputs / "adapted" / "mia_losses.csv") as g:
+        assert f.read() != g.read()
