@@ -440,7 +440,8 @@ def run_training(model_args, data_args, train_args, stop_signal):
                         grad_norm = None
                         if train_args.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(trainable, train_args.max_grad_norm)
-                        if window_bad or (grad_norm is not None and not torch.isfinite(grad_norm)):
+                        # DeepSpeed returns the norm as a float, DDP as a tensor
+                        if window_bad or (grad_norm is not None and not math.isfinite(float(grad_norm))):
                             skipped_steps += 1
                             window_bad = True
                         else:

@@ -33,7 +33,8 @@ def test_preset_runs_two_steps(preset, tmp_path, tiny_model_dir):
     assert ("forget" in kinds) == (config["forget_loss"] != "none")
     assert ("idk" in kinds) == bool(config.get("idk_responses"))
     assert ("retain" in kinds) == (config["retain_loss"] != "none")
-    assert os.path.isfile(os.path.join(tmp_path, "out", "adapter", "adapter_model.safetensors"))
+    saved = ("adapter/adapter_model.safetensors" if config.get("lora_r", 8) > 0 else "model.safetensors")
+    assert os.path.isfile(os.path.join(tmp_path, "out", saved))
 
 
 @pytest.mark.parametrize("flag", [["--forget_loss", "npo"], ["--retain_loss", "kl"]])
