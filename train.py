@@ -360,8 +360,9 @@ def run_training(model_args, data_args, train_args, stop_signal):
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=train_args.learning_rate)
+    # empty groups left out (LoRA has no 1-d weights): DeepSpeed drops them, and the scheduler must match its groups
+    groups = [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train_args.learning_rate)
 
     world, rank, accum = accelerator.num_processes, accelerator.process_index, train_args.gradient_accumulation_steps
     micro_per_step = world * accum
