@@ -325,3 +325,10 @@ def test_adapter_is_applied_unmerged(tiny_model_dir, cli_inputs):
     assert adapted["config"]["adapter"] == str(cli_inputs / "adapter")
     with open(cli_inputs / "base" / "mia_losses.csv") as f, open(cli_inputs / "adapted" / "mia_losses.csv") as g:
         assert f.read() != g.read()
+
+
+def test_batches_group_similar_lengths_and_cover_every_index():
+    lengths = [184, 11, 18, 16, 24, 217, 10, 12]
+    batches = evaluate._batches_by_length(lengths, batch_size=4)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches == [[5, 0], [4, 2, 3, 7], [1, 6]]  # stories apart from questions, longest first, at most 4
