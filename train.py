@@ -389,7 +389,9 @@ def run_training(model_args, data_args, train_args, stop_signal):
         accelerator.init_trackers(run_name, config=hparams)
     counts = {kind: len(rows) for kind, rows in examples.items()}
     accelerator.print(f"examples per kind: {counts}; {steps_per_epoch} steps/epoch x {train_args.num_train_epochs} "
-                      f"epochs = {total_steps} optimizer steps; {world} process(es), "
+                      f"epochs = {steps_per_epoch * train_args.num_train_epochs} optimizer steps"
+                      f"{f' (--max_steps: stopping after {total_steps})' if train_args.max_steps > 0 else ''}; "
+                      f"{world} process(es), "
                       f"{train_args.per_device_train_batch_size} x {accum} examples per process per step")
 
     device = accelerator.device
@@ -404,6 +406,7 @@ def run_training(model_args, data_args, train_args, stop_signal):
     # the final save reloads the base to merge (about one model load) and writes it (about another)
     save_reserve = 2 * load_seconds + 10
     stopped_early = preempted = False
+    tokens_total, loop_start = 0.0, time.time()  # all processes, this invocation (checkpoint time included)
     for epoch in range(step // steps_per_epoch, train_args.num_train_epochs):
         schedule = epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step, train_args.seed,
                                   epoch)
@@ -461,6 +464,7 @@ def run_training(model_args, data_args, train_args, stop_signal):
             stats = accelerator.reduce(torch.tensor([step_loss, step_nll, float(step_tokens), float(out_of_time),
                                                      float(stop_signal["received"])], device=device), "sum")
             loss_value, nll_value, tokens = stats[0].item() / world, stats[1].item() / world, stats[2].item()
+            tokens_total += tokens
             stopped_early = stats[3].item() > 0 and step < total_steps
             preempted = stats[4].item() > 0 and step < total_steps
             progress.set_postfix(kind=kind, loss=f"{loss_value:.4g}", nll=f"{nll_value:.3f}")
@@ -484,9 +488,16 @@ def run_training(model_args, data_args, train_args, stop_signal):
     train_seconds = run_state["train_seconds"] + time.time() - start_time
     if skipped_steps:
         accelerator.print(f"warning: {skipped_steps} step(s) skipped on a non-finite loss or gradient")
-    summary = {"optimizer_steps": step, "planned_steps": total_steps, "skipped_steps": skipped_steps,
+    summary = {"optimizer_steps": step, "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+               "skipped_steps": skipped_steps,
                "train_seconds": round(train_seconds, 1), "examples_per_kind": counts, "num_processes": world,
-               "stopped_early": stopped_early, "preempted": preempted, "resumed_from_step": first_step or None}
+               "stopped_early": stopped_early, "preempted": preempted, "resumed_from_step": first_step or None,
+               "tokens_per_second": round(tokens_total / max(time.time() - loop_start, 1e-9), 1)}
+    if device.type == "cuda":
+        # what --per_device_train_batch_size and --max_length cost: compare with plan_memory.py
+        peak = accelerator.gather(torch.tensor([float(torch.cuda.max_memory_allocated(device))], device=device))
+        summary["peak_gpu_memory_gib"] = round(peak.max().item() / 2 ** 30, 2)
+        accelerator.print(f"peak GPU memory: {summary['peak_gpu_memory_gib']} GiB allocated (the busiest process)")
     if preempted:
         accelerator.print(f"preempted: checkpoint saved at step {step}; rerun with --resume_from_checkpoint latest "
                           f"(exit code {PREEMPTED_EXIT_CODE})")

@@ -1,6 +1,7 @@
 """plan_memory.py against reality: peak RSS of a few training steps of small random OLMo models on CPU (fp32).
 
-    python benchmarks/plan_memory_rss.py            # all cases, a table (a few minutes on 2 cores)
+    python benchmarks/plan_memory_rss.py            # all CPU cases, a table (a few minutes on 2 cores)
+    python benchmarks/plan_memory_rss.py --cuda     # on a GPU: OLMo-7B and SmolLM2, bf16, peak CUDA allocation
 
 Each case runs in a fresh process: import everything, reset the peak RSS (VmHWM) to the current RSS, build the model
 (+ LoRA), then run train.py's step (forward, answer_nll, backward, AdamW step) a few times; the growth of the peak RSS
@@ -56,6 +57,22 @@ CASES = {
                     num_attention_heads=16, lora_r=0, lora_dropout=0.0, gradient_checkpointing=False, batch=1,
                     length=64),
 }
+# --cuda: bf16 weights under bf16 autocast, as train.py runs on a GPU (accelerate --mixed_precision bf16); measured
+# with torch.cuda.max_memory_allocated, so the planner's CUDA context + allocator slack allowance is left out
+OLMO_7B = "allenai/OLMo-7B-0724-Instruct-hf"
+CUDA_CASES = {
+    # the project's target: OLMo-7B, paper LoRA (r8, dropout 0.05, all linear layers), batch 8 x 512
+    "olmo7b-lora-gc": dict(preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=True, batch=8,
+                           length=512, device="cuda", dtype="bfloat16", mixed=True),
+    "olmo7b-lora": dict(preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=False, batch=2,
+                        length=512, device="cuda", dtype="bfloat16", mixed=True),
+    "smollm2-full": dict(preset="HuggingFaceTB/SmolLM2-135M-Instruct", lora_r=0, lora_dropout=0.0,
+                         gradient_checkpointing=False, batch=8, length=512, device="cuda", dtype="bfloat16",
+                         mixed=True),
+    "smollm2-lora": dict(preset="HuggingFaceTB/SmolLM2-135M-Instruct", lora_r=8, lora_dropout=0.05,
+                         gradient_checkpointing=False, batch=8, length=512, device="cuda", dtype="bfloat16",
+                         mixed=True),
+}
 STEPS = 2  # AdamW creates its states in the first step: the second holds everything
 
 
@@ -66,7 +83,8 @@ def predicted_bytes(case):
     args = plan_memory.PlanArguments(
         model_name_or_path=case.get("preset", ""), **dims, lora_r=case["lora_r"], lora_dropout=case["lora_dropout"],
         gradient_checkpointing=case["gradient_checkpointing"], per_device_train_batch_size=case["batch"],
-        max_length=case["length"], torch_dtype="float32", mixed_precision="no", device="cpu")
+        max_length=case["length"], torch_dtype=case.get("dtype", "float32"),
+        mixed_precision="bf16" if case.get("mixed") else "no", device="cpu")
     rows = plan_memory.plan(args, plan_memory.model_dims(args))
     return sum(size for _, size, _ in rows), rows
 
@@ -89,6 +107,8 @@ def peak_rss():
 
 def worker(case):
     """In a fresh process: peak RSS growth of STEPS training steps, in bytes, printed as JSON."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, OlmoConfig, OlmoForCausalLM
 
@@ -99,16 +119,20 @@ def worker(case):
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    before = reset_peak_rss()
+    cuda = case.get("device", "cpu") == "cuda"
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    before = torch.cuda.memory_allocated() if cuda else reset_peak_rss()
+    kinds = {"olmo": (OlmoConfig, OlmoForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
     if "preset" in case:
-        config = LlamaConfig(**plan_memory.PRESETS[case["preset"]], max_position_embeddings=case["length"],
-                             pad_token_id=0, bos_token_id=None, eos_token_id=1)
-        model = LlamaForCausalLM(config)
+        config_class, model_class = kinds["olmo" if "OLMo" in case["preset"] else "llama"]
+        dims = plan_memory.PRESETS[case["preset"]]
     else:
+        config_class, model_class = kinds["olmo"]
         dims = {name: case[name] for name in plan_memory.DIMS if name in case}
-        config = OlmoConfig(**dims, max_position_embeddings=case["length"], pad_token_id=0, bos_token_id=None,
-                            eos_token_id=1)
-        model = OlmoForCausalLM(config)
+    config = config_class(**dims, max_position_embeddings=case["length"], pad_token_id=0, bos_token_id=None,
+                          eos_token_id=1)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = model_class._from_config(config, dtype=dtype)
     model.config.use_cache = False
     if case["lora_r"]:
         model = add_lora(model, case["lora_r"], 32, case["lora_dropout"], case["gradient_checkpointing"])
@@ -120,14 +144,18 @@ def worker(case):
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if case.get("mixed") else contextlib.nullcontext()
     for _ in range(STEPS):
         ids = torch.randint(2, config.vocab_size, (case["batch"], case["length"]), generator=generator)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        loss = answer_nll(logits, ids)
+        ids = ids.to(model.device)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            loss = answer_nll(logits, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"measured": peak_rss() - before}))
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    print(json.dumps({"measured": peak - before}))
 
 
 def measured_bytes(case, fixed_mmap_threshold=True):
@@ -143,14 +171,20 @@ def measured_bytes(case, fixed_mmap_threshold=True):
 
 
 def main():
-    print(f"{'case':<15} {'predicted':>9} {'measured':>8} {'ratio':>5} {'glibc default':>13}   predicted parts (MiB)")
-    for name, case in CASES.items():
+    cuda = "--cuda" in sys.argv[1:]
+    cases = CUDA_CASES if cuda else CASES
+    print(f"{'case':<15} {'predicted':>9} {'measured':>8} {'ratio':>5} "
+          f"{'' if cuda else 'glibc default':>13}   predicted parts (MiB)")
+    for name, case in cases.items():
         predicted, rows = predicted_bytes(case)
-        measured, default = measured_bytes(case), measured_bytes(case, fixed_mmap_threshold=False)
+        measured = measured_bytes(case)
+        default = measured if cuda else measured_bytes(case, fixed_mmap_threshold=False)
         parts = ", ".join(f"{row[0].split(' ')[0]} {row[1] / 2 ** 20:.0f}" for row in rows)
         print(f"{name:<15} {predicted / 2 ** 20:9.0f} {measured / 2 ** 20:8.0f} {predicted / measured:5.2f} "
-              f"{default / 2 ** 20:13.0f}   {parts}", flush=True)
-    print("MiB of peak RSS growth; ratio = predicted / measured (MALLOC_MMAP_THRESHOLD_=65536)")
+              f"{'' if cuda else f'{default / 2 ** 20:.0f}':>13}   {parts}", flush=True)
+    print("MiB of peak torch.cuda.max_memory_allocated (CUDA context and allocator slack excluded); ratio = "
+          "predicted / measured" if cuda else
+          "MiB of peak RSS growth; ratio = predicted / measured (MALLOC_MMAP_THRESHOLD_=65536)")
 
 
 if __name__ == "__main__":
