@@ -46,7 +46,7 @@ class ModelArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the frozen base in 8-bit (bitsandbytes); "
                                                         "needs LoRA."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the frozen base in 4-bit nf4 "
-                                                        "(bitsandbytes, GPU only); needs LoRA."})
+                                                        "(bitsandbytes, bf16 compute); needs LoRA."})
     merge_lora: bool = field(default=True, metadata={"help": "Also save the merged full model (base + adapter) "
                                                      "as safetensors in output_dir; --no_merge_lora saves only "
                                                      "the adapter."})
@@ -167,9 +167,6 @@ def check_arguments(model_args, data_args, train_args):
     if quantized and model_args.lora_r == 0:
         raise InputError("--load_in_8bit/--load_in_4bit need LoRA (quantized weights cannot be trained): "
                          "set --lora_r > 0 or drop the quantization flag")
-    if model_args.load_in_4bit and not torch.cuda.is_available():
-        raise InputError("--load_in_4bit on CPU: bitsandbytes' 4-bit CPU path silently loses LoRA gradients; "
-                         "use --load_in_8bit or a GPU")
     if quantized and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # accelerate launch passes the ZeRO stage, or the JSON that holds it (ds_configs/, relative to the repo root)
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")

@@ -159,7 +159,9 @@ def worker(case):
 
 
 def measured_bytes(case, fixed_mmap_threshold=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if case.get("device", "cpu") == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU case must not touch a GPU that happens to be there
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if fixed_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
