@@ -5,10 +5,10 @@ biographies of fictional people. Each document gives one sentence-completion row
 of the document, output = the rest) and a few question-answering rows (``<doc>qa0``..). The MIA files hold full
 documents: members are the forget documents, nonmembers held-out documents generated the same way.
 
-    python data/make_demo_data.py [--seed 2025] [--docs_per_task 4] [--output_dir data/demo]
+    python data/make_demo_data.py [--seed 2025] [--docs_per_task 2] [--output_dir data/demo]
 
 The output is small on purpose: memorising SmolLM2-135M on forget+retain, unlearning and evaluating twice must fit
-in about 25 minutes on 2 CPU cores.
+in under 30 minutes on 2 CPU cores, installs included (2 documents per task: 24 forget and 24 retain rows).
 """
 
 import json
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from cli import InputError, parse_config, run_main  # noqa: E402
 
 DEFAULT_SEED = 2025
-DEFAULT_DOCS_PER_TASK = 4
+DEFAULT_DOCS_PER_TASK = 2
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 MAX_LONG_OUTPUT_WORDS = 70
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
