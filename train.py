@@ -403,6 +403,7 @@ def run_training(model_args, data_args, train_args, stop_signal):
     # the final save reloads the base to merge (about one model load) and writes it (about another)
     save_reserve = 2 * load_seconds + 10
     stopped_early = preempted = False
+    deepspeed = accelerator.state.deepspeed_plugin is not None
     tokens_total, loop_start = 0.0, time.time()  # all processes, this invocation (checkpoint time included)
     for epoch in range(step // steps_per_epoch, train_args.num_train_epochs):
         schedule = epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step, train_args.seed,
@@ -436,7 +437,17 @@ def run_training(model_args, data_args, train_args, stop_signal):
                     if bad.item() > 0:
                         window_bad = True
                         loss = zero_loss(model)
+                    saved_lrs = None
+                    if deepspeed and window_bad and accelerator.sync_gradients:
+                        # DeepSpeed steps the optimizer inside backward: at learning rate 0 that step leaves every
+                        # weight as it was (AdamW's update and its decay both scale with the rate)
+                        saved_lrs = [group["lr"] for group in optimizer.param_groups]
+                        for group in optimizer.param_groups:
+                            group["lr"] = 0.0
                     accelerator.backward(loss)
+                    if saved_lrs is not None:
+                        for group, lr in zip(optimizer.param_groups, saved_lrs):
+                            group["lr"] = lr
                     if accelerator.sync_gradients:
                         grad_norm = None
                         if train_args.max_grad_norm > 0:

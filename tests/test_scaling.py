@@ -36,7 +36,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(config, num_processes, *args):
+def launch(config, num_processes, *args, script=os.path.join(ROOT, "train.py")):
     """accelerate launch with a config file from accelerate_configs/, on CPU."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if "deepspeed" in config:
@@ -47,8 +47,7 @@ def launch(config, num_processes, *args):
         env["ACCELERATE_USE_CPU"] = "true"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(ROOT, "accelerate_configs", config), "--num_processes", str(num_processes),
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", os.path.join(ROOT, "train.py"),
-               *args]
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", script, *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -156,6 +155,42 @@ def test_deepspeed_auto_fields_filled_from_the_flags(tmp_path):
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
     assert message == ('the DeepSpeed config sets gradient_clipping=2.0 but --max_grad_norm is 1.0: set it to "auto" '
                        'in the JSON (the flag decides) or pass --max_grad_norm 2.0')
+
+
+# --- a non-finite loss ---------------------------------------------------------------------------------------------
+
+# train.py with its loss made NaN on the N-th batch: what a diverging GI step or a bad row looks like to the loop
+NAN_TRAIN = """import sys
+sys.path.insert(0, {root!r})
+import train
+real_batch_loss, calls = train.batch_loss, [0]
+def batch_loss(*args, **kwargs):
+    calls[0] += 1
+    loss, nll = real_batch_loss(*args, **kwargs)
+    return (loss * float("nan"), nll) if calls[0] == {nan_call} else (loss, nll)
+train.batch_loss = batch_loss
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero2.yaml"])
+def test_non_finite_loss_skips_the_step_and_never_reaches_the_weights(tmp_path, tiny_model_dir, config):
+    """Step 2 of 2 gets a NaN loss: it is counted as skipped and the adapter equals that of a 1-step run (warmup 0,
+    so step 1 has the same learning rate in both). Under DeepSpeed, which steps the optimizer inside backward, too."""
+    data = make_unlearning_data(tmp_path / "data", n_docs=2)
+    script = tmp_path / "nan_train.py"
+    script.write_text(NAN_TRAIN.format(root=ROOT, nan_call=2))
+    args = ["--model_name_or_path", tiny_model_dir, "--data_dir", data, *TRAIN_ARGS, "--merge_lora", "false"]
+    skipped, one_step = str(tmp_path / "skipped"), str(tmp_path / "one_step")
+    launch(config, 1, *args, "--max_steps", "2", "--output_dir", skipped, script=str(script))
+    launch(config, 1, *args, "--max_steps", "1", "--output_dir", one_step)
+    with open(os.path.join(skipped, train.DONE_MARKER)) as f:
+        result = yaml.safe_load(f)["result"]
+    assert result["optimizer_steps"] == 2 and result["skipped_steps"] == 1
+    adapter = load_adapter(skipped)
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # step 1 did train
+    assert max_diff(adapter, load_adapter(one_step)) < 1e-7
 
 
 # --- quantized base -----------------------------------------------------------------------------------------------
