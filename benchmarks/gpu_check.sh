@@ -40,7 +40,7 @@ if [ "$part" = smollm2 ]; then
   # planner against the CUDA allocator, one process per case, beside the rest
   (python3 benchmarks/plan_memory_rss.py --cuda > "$out/logs/plan_memory_cuda.txt" 2>&1) &
   # SemEval validation: target, before, paper unlearning, after (official 256 new tokens; MMLU 10 per subject)
-  (timeout 500 python3 demo.py $demo_flags --data_dir "$data/semeval25/validation" --mia_data_dir "$data/semeval25/mia_data" \
+  (timeout 560 python3 demo.py $demo_flags --data_dir "$data/semeval25/validation" --mia_data_dir "$data/semeval25/mia_data" \
     --mmlu_dir "$data/mmlu" --mmlu_limit 10 --max_new_tokens 256 --batch_size 64 --num_threads 2 \
     --run_dir "$runs/semeval-validation" > "$out/logs/semeval-validation.log" 2>&1; echo "validation exit $?") &
   # the demo (target, before, paper, after, report), then every other preset from the same target
