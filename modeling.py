@@ -76,6 +76,14 @@ def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, q
     return get_peft_model(model, config)
 
 
+def make_adamw(trainable, learning_rate, weight_decay):
+    """AdamW over the trainable parameters: weight decay on matrices, none on 1-d weights (norms, biases)."""
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    # empty groups left out (LoRA has no 1-d weights): DeepSpeed drops them, and the scheduler must match its groups
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
 def load_for_inference(name_or_path, adapter=None, dtype="auto"):
     """Model (+ optional LoRA adapter, unmerged) and tokenizer, in eval mode."""
     tokenizer = load_tokenizer(name_or_path)

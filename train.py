@@ -325,7 +325,7 @@ def train(model_args, data_args, train_args):
 
 
 def run_training(model_args, data_args, train_args, stop_signal):
-    from modeling import add_lora, check_output_dir, load_model, load_tokenizer
+    from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup, set_seed
 
@@ -355,11 +355,7 @@ def run_training(model_args, data_args, train_args, stop_signal):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     load_seconds = time.time() - load_start
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    # empty groups left out (LoRA has no 1-d weights): DeepSpeed drops them, and the scheduler must match its groups
-    groups = [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train_args.learning_rate)
+    optimizer = make_adamw(trainable, train_args.learning_rate, train_args.weight_decay)
 
     world, rank, accum = accelerator.num_processes, accelerator.process_index, train_args.gradient_accumulation_steps
     micro_per_step = world * accum

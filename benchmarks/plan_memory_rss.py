@@ -59,19 +59,14 @@ CASES = {
 }
 # --cuda: bf16 weights under bf16 autocast, as train.py runs on a GPU (accelerate --mixed_precision bf16); measured
 # with torch.cuda.max_memory_allocated, so the planner's CUDA context + allocator slack allowance is left out
-OLMO_7B = "allenai/OLMo-7B-0724-Instruct-hf"
+OLMO_7B, SMOLLM2 = "allenai/OLMo-7B-0724-Instruct-hf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+ON_GPU = dict(device="cuda", dtype="bfloat16", mixed=True, length=512)
 CUDA_CASES = {
     # the project's target: OLMo-7B, paper LoRA (r8, dropout 0.05, all linear layers), batch 8 x 512
-    "olmo7b-lora-gc": dict(preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=True, batch=8,
-                           length=512, device="cuda", dtype="bfloat16", mixed=True),
-    "olmo7b-lora": dict(preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=False, batch=2,
-                        length=512, device="cuda", dtype="bfloat16", mixed=True),
-    "smollm2-full": dict(preset="HuggingFaceTB/SmolLM2-135M-Instruct", lora_r=0, lora_dropout=0.0,
-                         gradient_checkpointing=False, batch=8, length=512, device="cuda", dtype="bfloat16",
-                         mixed=True),
-    "smollm2-lora": dict(preset="HuggingFaceTB/SmolLM2-135M-Instruct", lora_r=8, lora_dropout=0.05,
-                         gradient_checkpointing=False, batch=8, length=512, device="cuda", dtype="bfloat16",
-                         mixed=True),
+    "olmo7b-lora-gc": dict(ON_GPU, preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=True, batch=8),
+    "olmo7b-lora": dict(ON_GPU, preset=OLMO_7B, lora_r=8, lora_dropout=0.05, gradient_checkpointing=False, batch=2),
+    "smollm2-full": dict(ON_GPU, preset=SMOLLM2, lora_r=0, lora_dropout=0.0, gradient_checkpointing=False, batch=8),
+    "smollm2-lora": dict(ON_GPU, preset=SMOLLM2, lora_r=8, lora_dropout=0.05, gradient_checkpointing=False, batch=8),
 }
 STEPS = 2  # AdamW creates its states in the first step: the second holds everything
 
@@ -114,7 +109,7 @@ def worker(case):
 
     import plan_memory
 
-    from modeling import add_lora
+    from modeling import add_lora, make_adamw
     from objectives import answer_nll
 
     torch.manual_seed(0)
@@ -139,10 +134,7 @@ def worker(case):
     elif case["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]  # as train.py builds its optimizer
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 0.01},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4)
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], 1e-4, 0.01)  # as train.py does
     generator = torch.Generator().manual_seed(0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if case.get("mixed") else contextlib.nullcontext()
     for _ in range(STEPS):
