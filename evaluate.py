@@ -123,6 +123,20 @@ def _batches_by_length(lengths, batch_size):
     return batches
 
 
+# generation_config fields that would change which token greedy decoding picks, with their neutral values.
+GREEDY_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+                  "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                  "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+                  "exponential_decay_length_penalty": None, "stop_strings": None}
+
+
+def ignored_generation_settings(model):
+    """generation_config settings that ``model.generate`` would apply and plain greedy decoding ignores."""
+    config = getattr(model, "generation_config", None)
+    return {name: getattr(config, name) for name, neutral in GREEDY_NEUTRAL.items()
+            if getattr(config, name, neutral) not in (neutral, None)}
+
+
 def _stop_token_ids(model, tokenizer):
     """The ids greedy generation stops at: the model's generation config eos, else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -151,9 +165,12 @@ def decode_generation(tokenizer, new_ids):
 def generate_outputs(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, show_progress=False):
     """Greedy continuations of raw prompts, decoded without special tokens, in input order.
 
-    Prompts are tokenised as the official scorer does (records.encode_prompt), left-padded with an attention mask
-    and batched by length. Each row is cut after its first stop token, so batching only adds trailing padding that
-    is never decoded: in float32 the strings equal batch-size-1 generation.
+    Prompts are tokenised as the official scorer does (records.encode_prompt). Up to ``batch_size`` rows decode
+    together (continuous batching): a row leaves the batch at its first stop token, and when half the batch has
+    left, waiting prompts join it, prefilled in groups of similar length. So neither prompt padding nor finished rows
+    cost decoding steps, which is where ``model.generate`` on fixed batches spends its time (a batch pads to its
+    longest prompt and decodes until its longest answer ends). Rows are left-padded and masked, with positions
+    counted from their first real token: in float32 the strings equal batch-size-1 generation.
     """
     import torch
 
@@ -161,29 +178,118 @@ def generate_outputs(model, tokenizer, prompts, max_new_tokens=256, batch_size=1
     for i, ids in enumerate(encoded):
         if not ids:
             raise InputError(f"prompt {i} ({prompts[i][:40]!r}) tokenises to nothing; cannot generate from it")
-    stop_ids = _stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    ignored = ignored_generation_settings(model)
+    if ignored:
+        print(f"[WARNING] the model's generation_config sets {ignored}; evaluate.py decodes plain greedy, as the "
+              f"official scorer did for the challenge's OLMo models, and ignores them", file=sys.stderr)
+    stop_ids = set(_stop_token_ids(model, tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     device = next(model.parameters()).device
-    outputs = [None] * len(prompts)
+    waiting = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: an OOM shows at once
+    new_tokens = [[] for _ in prompts]
+    batch = None
     bar = _progress(len(prompts), "generate", show_progress)
-    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch],
-                                      device=device)
-        with torch.no_grad():
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                       eos_token_id=stop_ids, pad_token_id=pad_id)
-        for i, new_ids in zip(batch, generated[:, width:].tolist()):
-            for position, token in enumerate(new_ids):
-                if token in stop_ids:
-                    new_ids = new_ids[:position + 1]
-                    break
-            outputs[i] = decode_generation(tokenizer, new_ids)
-        bar.update(len(batch))
+    with torch.no_grad():
+        while waiting or batch is not None:
+            if waiting and (batch is None or (len(batch.rows) <= batch_size // 2 and batch.can_merge)):
+                joining = waiting[:batch_size - (len(batch.rows) if batch else 0)]
+                waiting = waiting[len(joining):]
+                for group in _batches_by_length([len(encoded[i]) for i in joining], batch_size):
+                    rows = [joining[j] for j in group]
+                    prefilled = _DecodingBatch.prefill(model, rows, [encoded[i] for i in rows], pad_id, device)
+                    batch = prefilled if batch is None else batch.merge(prefilled, model.config)
+            next_tokens = batch.logits.argmax(dim=-1)
+            keep = []
+            for position, (row, token) in enumerate(zip(batch.rows, next_tokens.tolist())):
+                new_tokens[row].append(token)
+                if token in stop_ids or len(new_tokens[row]) == max_new_tokens:
+                    bar.update(1)
+                else:
+                    keep.append(position)
+            batch = batch.select(keep)
+            if batch is not None:
+                batch.step(model, next_tokens[keep])
     bar.close()
-    return outputs
+    return [decode_generation(tokenizer, ids) for ids in new_tokens]
+
+
+class _DecodingBatch:
+    """Rows being decoded together: their KV cache, 2-D attention mask (0 = left padding), the position of each
+    row's next token, and the logits predicting it."""
+
+    def __init__(self, rows, cache, attention_mask, next_positions, logits):
+        self.rows, self.cache, self.attention_mask = rows, cache, attention_mask
+        self.next_positions, self.logits = next_positions, logits
+        # Merging rebuilds the cache layer by layer, which is only right for plain (non-sliding) layers; other
+        # caches run as fixed batches that still drop finished rows.
+        from transformers.cache_utils import DynamicLayer
+
+        self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    @classmethod
+    def prefill(cls, model, rows, encoded, pad_id, device):
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return cls(rows, cache, attention_mask, positions[:, -1] + 1, logits)
+
+    def step(self, model, tokens):
+        """Feed one token per row; the logits for the next one replace the current."""
+        import torch
+
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
+        self.logits = model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                            position_ids=self.next_positions[:, None], past_key_values=self.cache,
+                            use_cache=True).logits[:, -1]
+        self.next_positions = self.next_positions + 1
+
+    def select(self, keep):
+        """Keep only the rows at these positions (None when none is left)."""
+        import torch
+
+        if not keep:
+            return None
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self.logits.device)
+            self.cache.batch_select_indices(index)
+            self.rows = [self.rows[i] for i in keep]
+            self.attention_mask, self.next_positions = self.attention_mask[index], self.next_positions[index]
+            self.logits = self.logits[index]
+        return self
+
+    def merge(self, other, config):
+        """One batch of both: caches and masks left-padded to a common width, columns that are padding in every
+        row dropped."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+
+        def pad_left(tensor, dim):
+            missing = width - tensor.shape[dim]
+            if not missing:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        attention_mask = torch.cat([pad_left(self.attention_mask, 1), pad_left(other.attention_mask, 1)])
+        start = int(attention_mask.any(dim=0).int().argmax())  # first column holding a real token of some row
+        cache = DynamicCache(config=config)
+        for index, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
+            keys = torch.cat([pad_left(mine.keys, 2), pad_left(theirs.keys, 2)])[:, :, start:]
+            values = torch.cat([pad_left(mine.values, 2), pad_left(theirs.values, 2)])[:, :, start:]
+            cache.update(keys, values, index)
+        return _DecodingBatch(self.rows + other.rows, cache, attention_mask[:, start:],
+                              torch.cat([self.next_positions, other.next_positions]),
+                              torch.cat([self.logits, other.logits]))
 
 
 def document_losses(model, tokenizer, documents, batch_size=16, show_progress=False):
@@ -328,15 +434,17 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
                mmlu_questions, max_new_tokens, batch_size, accelerator, show_progress):
     tables, timings = {}, {}
     start = time.perf_counter()
-    for split, split_records in (("forget", forget_records), ("retain", retain_records)):
-        if not split_records:
-            continue
+    splits = [(split, rows) for split, rows in (("forget", forget_records), ("retain", retain_records)) if rows]
+    if splits:
         t0 = time.perf_counter()
-        outputs = run_sharded([r.input for r in split_records], lambda prompts: generate_outputs(
+        # Both splits in one queue, so the decoding batch stays full longer.
+        outputs = run_sharded([r.input for _, rows in splits for r in rows], lambda prompts: generate_outputs(
             model, tokenizer, prompts, max_new_tokens, batch_size, show_progress), accelerator)
-        timings[f"generation_{split}_s"] = time.perf_counter() - t0
-        tables[split] = [{"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
-                          "model_output": output} for r, output in zip(split_records, outputs)]
+        timings["generation_s"] = time.perf_counter() - t0
+        for split, rows in splits:
+            tables[split] = [{"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
+                              "model_output": output} for r, output in zip(rows, outputs)]
+            outputs = outputs[len(rows):]
     if member_documents and nonmember_documents:
         t0 = time.perf_counter()
         documents = [("member", d) for d in member_documents] + [("nonmember", d) for d in nonmember_documents]

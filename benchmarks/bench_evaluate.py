@@ -1,11 +1,10 @@
 """Benchmark (not a test): evaluate.py's batched generation + scoring and MMLU against batch size 1, on
 SmolLM2-135M-Instruct and the SemEval validation split, on CPU. Prints a table; fails if batching changes a score.
 
-    python benchmarks/bench_evaluate.py                      # 24 rows per split, 64 new tokens, MMLU 10/subject
-    python benchmarks/bench_evaluate.py --rows 0 --max_new_tokens 256   # the full official setting (slow on CPU)
+    python benchmarks/bench_evaluate.py                      # 32 rows per split, 256 new tokens, MMLU 10/subject
+    python benchmarks/bench_evaluate.py --rows 0 --batch_sizes 1,16,32   # every row (slow on CPU at batch 1)
 
-Rows are taken evenly spaced over each split, so every task and kind is represented; at batch size 1 the default
-subset takes a few minutes on 2 cores.
+Rows are taken evenly spaced over each split, so every task and kind is represented.
 """
 
 import argparse
@@ -31,14 +30,15 @@ def evenly_spaced(rows, n):
 
 
 def run_generation(model, tokenizer, splits, max_new_tokens, batch_size):
-    """Generate for every split, then score; returns ((wall, cpu) seconds generating, (wall, cpu) seconds scoring,
-    results, tables)."""
+    """Generate for both splits in one queue (as evaluate.py does), then score; returns ((wall, cpu) seconds
+    generating, (wall, cpu) seconds scoring, results, tables)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    tables = {}
-    for split, rows in splits.items():
-        outputs = evaluate.generate_outputs(model, tokenizer, [r.input for r in rows], max_new_tokens, batch_size)
-        tables[split] = [{"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
-                          "model_output": output} for r, output in zip(rows, outputs)]
+    rows = [(split, r) for split, split_rows in splits.items() for r in split_rows]
+    outputs = evaluate.generate_outputs(model, tokenizer, [r.input for _, r in rows], max_new_tokens, batch_size)
+    tables = {split: [] for split in splits}
+    for (split, r), output in zip(rows, outputs):
+        tables[split].append({"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
+                              "model_output": output})
     generation_s = (time.perf_counter() - t0, time.process_time() - c0)
     t0, c0 = time.perf_counter(), time.process_time()
     results = evaluate.compute_results(tables)
@@ -58,12 +58,14 @@ def main():
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
     parser.add_argument("--data_dir", default=os.path.join(SHARED, "semeval25", "validation"))
     parser.add_argument("--mmlu_dir", default=os.path.join(SHARED, "mmlu"))
-    parser.add_argument("--rows", type=int, default=24, help="rows per split, evenly spaced (0 = all)")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=32, help="rows per split, evenly spaced (0 = all)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="the official limit is 256")
+    parser.add_argument("--batch_sizes", default=f"1,{evaluate.EvalArguments.batch_size}",
+                        help="comma-separated; the first is the baseline the others are compared with")
     parser.add_argument("--mmlu_limit", type=int, default=10, help="questions per subject (0 = all, -1 = skip MMLU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 
     import torch
 
@@ -79,43 +81,44 @@ def main():
     print(f"model {args.model} (float32, {torch.get_num_threads()} threads), {n_rows} rows, "
           f"max_new_tokens {args.max_new_tokens}", flush=True)
 
-    table = []
-    generation = {}
-    for batch_size in (1, args.batch_size):
-        generation[batch_size] = run_generation(model, tokenizer, splits, args.max_new_tokens, batch_size)
-        print(f"generation batch {batch_size}: {generation[batch_size][0][0]:.1f}s", flush=True)
-    (g1, s1, r1, t1), (gn, sn, rn, tn) = generation[1], generation[args.batch_size]
-    differing = sum(a["model_output"] != b["model_output"] for split in t1 for a, b in zip(t1[split], tn[split]))
-    for key, name in (("harmonic-mean-task-aggregate", "generation (hmean)"),):
-        table.append((name, g1, gn, r1[key], rn[key]))
-    for split in ("forget", "retain"):
-        for key in ("overall-regurgitation-score", "overall-knowledge-score"):
-            short = f"  {split} {key.split('-')[1][:5]}"
-            table.append((short, None, None, r1[f"{split}-set"][key], rn[f"{split}-set"][key]))
-    table.append(("scoring", s1, sn, None, None))
-
-    mmlu = None
+    runs = {}
+    for batch_size in batch_sizes:
+        runs[batch_size] = run_generation(model, tokenizer, splits, args.max_new_tokens, batch_size)
+        print(f"generation batch {batch_size}: {runs[batch_size][0][0]:.1f}s", flush=True)
+    mmlu = {}
     if args.mmlu_limit >= 0:
         questions = evaluate.load_mmlu(args.mmlu_dir, limit=args.mmlu_limit)
-        mmlu = {batch_size: run_mmlu(model, tokenizer, questions, batch_size) for batch_size in (1, args.batch_size)}
-        table.append((f"mmlu ({len(questions)} q)", mmlu[1][0], mmlu[args.batch_size][0], mmlu[1][1],
-                      mmlu[args.batch_size][1]))
+        for batch_size in batch_sizes:
+            mmlu[batch_size] = run_mmlu(model, tokenizer, questions, batch_size)
+            print(f"mmlu batch {batch_size} ({len(questions)} questions): {mmlu[batch_size][0][0]:.1f}s", flush=True)
+    generated_tokens = sum(len(tokenizer(row["model_output"])["input_ids"])
+                           for table in runs[batch_sizes[0]][3].values() for row in table)
+    print(f"generated tokens (batch {batch_sizes[0]}): {generated_tokens}")
 
     # Wall time depends on what else runs on the machine; CPU time (all threads) is the work done.
-    b = args.batch_size
-    print(f"\n{'stage':20s} {'wall b1':>8s} {f'wall b{b}':>8s} {'speedup':>7s} {'cpu b1':>8s} {f'cpu b{b}':>8s} "
-          f"{'speedup':>7s} {'score b1':>9s} {f'score b{b}':>9s}")
-    for stage, t_one, t_batched, score_one, score_batched in table:
-        times = (f"{t_one[0]:8.1f} {t_batched[0]:8.1f} {t_one[0] / t_batched[0]:6.1f}x "
-                 f"{t_one[1]:8.1f} {t_batched[1]:8.1f} {t_one[1] / t_batched[1]:6.1f}x") if t_one else " " * 52
-        scores = f"{score_one:9.4f} {score_batched:9.4f}" if score_one is not None else ""
-        print(f"{stage:20s} {times} {scores}")
-    print(f"generated strings differing between batch sizes: {differing} of {n_rows}")
+    base = batch_sizes[0]
+    table = []
+    for batch_size in batch_sizes:
+        (gen, score, results, _), (gen_base, score_base, _, _) = runs[batch_size], runs[base]
+        table.append(("generation + scoring", batch_size, [a + b for a, b in zip(gen, score)],
+                      [a + b for a, b in zip(gen_base, score_base)],
+                      f"hmean {results['harmonic-mean-task-aggregate']:.4f}"))
+    for batch_size in mmlu:
+        table.append(("mmlu", batch_size, mmlu[batch_size][0], mmlu[base][0], f"mmlu {mmlu[batch_size][1]:.4f}"))
+    print(f"\n{'stage':22s} {'batch':>5s} {'wall s':>8s} {'speedup':>7s} {'cpu s':>8s} {'speedup':>7s}  score")
+    for stage, batch_size, t, t_base, score in table:
+        print(f"{stage:22s} {batch_size:5d} {t[0]:8.1f} {t_base[0] / t[0]:6.1f}x {t[1]:8.1f} "
+              f"{t_base[1] / t[1]:6.1f}x  {score}")
 
-    for key in ("forget-set", "retain-set", "aggregated-terms", "harmonic-mean-task-aggregate", "by-length"):
-        assert r1[key] == rn[key], f"batching changed {key}"
-    if mmlu:
-        assert mmlu[1][2] == mmlu[args.batch_size][2], "batching changed an MMLU answer"
+    t_base = runs[base][3]
+    for batch_size in batch_sizes[1:]:
+        differing = sum(a["model_output"] != b["model_output"] for split in t_base
+                        for a, b in zip(t_base[split], runs[batch_size][3][split]))
+        print(f"generated strings differing between batch {base} and {batch_size}: {differing} of {n_rows}")
+        for key in ("forget-set", "retain-set", "aggregated-terms", "harmonic-mean-task-aggregate", "by-length"):
+            assert runs[base][2][key] == runs[batch_size][2][key], f"batch {batch_size} changed {key}"
+        if mmlu:
+            assert mmlu[base][2] == mmlu[batch_size][2], f"batch {batch_size} changed an MMLU answer"
     print("scores identical across batch sizes")
 
 

@@ -98,6 +98,24 @@ def test_answers_have_the_intended_sizes(fresh_dir):
         assert all(3 <= n <= 5 for n in sorted(sc_sentences)[len(sc_sentences) // 2:]), sc_sentences
 
 
+def words(text):
+    return set(re.findall(r"[\w@.'-]*\w", text))
+
+
+@pytest.mark.parametrize("docs_per_task", [make_demo_data.DEFAULT_DOCS_PER_TASK, 4])
+def test_every_sc_answer_holds_something_only_its_document_has(tmp_path, docs_per_task):
+    """Template text shared by forget and retain documents cannot be forgotten in one and kept in the other; each
+    sc answer must carry a name, place or number of its own document."""
+    make_demo_data.write_demo_data(str(tmp_path), docs_per_task=docs_per_task)
+    rows = load_records(str(tmp_path / "forget.jsonl")) + load_records(str(tmp_path / "retain.jsonl"))
+    documents = {doc_id(r.id): r.input + " " + r.output for r in rows if r.kind == "sc"}
+    documents.update(load_documents(str(tmp_path / "mia" / "nonmember.jsonl")))
+    for r in rows:
+        if r.kind == "sc":
+            elsewhere = set().union(*(words(text) for other, text in documents.items() if other != doc_id(r.id)))
+            assert words(r.output) - elsewhere, r.output
+
+
 def test_task2_answers_match_the_document(fresh_dir):
     records = load_records(os.path.join(fresh_dir, "forget.jsonl"))
     documents = {doc_id(r.id): r.input + " " + r.output for r in records if r.kind == "sc"}

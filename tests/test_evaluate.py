@@ -77,22 +77,84 @@ def test_batched_generation_equals_batch_one_and_official_loop(model_and_tokeniz
 def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     free = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
-    # Make the third token generated for the first prompt the stop token: rows that produce it end early (at
-    # different steps), the others run to max_new_tokens.
-    input_ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-    with torch.no_grad():
-        stop_id = int(model.generate(input_ids, max_new_tokens=3, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id)[0, -1])
+    # Stop tokens taken from the free continuations at different steps (2, 8, 11 of three prompts): rows that
+    # produce one end early, at different steps, the others run to max_new_tokens.
+    free_ids = []
+    for prompt in PROMPTS:
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(input_ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        free_ids.append(out[0, input_ids.shape[1]:].tolist())
+    stop_ids = [free_ids[0][2], free_ids[2][8], free_ids[6][11]]
+    merges = []
+    merge = evaluate._DecodingBatch.merge
+
+    def counting_merge(self, other, config):
+        merges.append((len(self.rows), len(other.rows)))
+        return merge(self, other, config)
+
     saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = stop_id
+    model.generation_config.eos_token_id = stop_ids
     try:
         one = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
         batched = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+        # Batch 3: as rows stop, waiting prompts join the rows still decoding (their caches merged).
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evaluate._DecodingBatch, "merge", counting_merge)
+            joined = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=3)
         official = [official_generation(model, tokenizer, prompt, 24) for prompt in PROMPTS]
     finally:
         model.generation_config.eos_token_id = saved
-    assert one == batched == official
-    assert len(one[0]) < len(free[0])
+    assert one == batched == joined == official
+    assert len(one[0]) < len(free[0]) and len(one[6]) < len(free[6])
+    assert merges and all(decoding >= 1 and joining >= 1 for decoding, joining in merges)
+
+
+def test_generation_settings_that_greedy_decoding_ignores_are_named(model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    assert evaluate.ignored_generation_settings(model) == {}
+    saved = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert evaluate.ignored_generation_settings(model) == {"repetition_penalty": 1.3}
+        evaluate.generate_outputs(model, tokenizer, PROMPTS[:1], max_new_tokens=2)
+    finally:
+        model.generation_config.repetition_penalty = saved
+    assert "repetition_penalty" in capsys.readouterr().err
+
+
+def test_decoding_batch_merge_and_select_keep_each_rows_logits(model_and_tokenizer):
+    """Rows decoded in a merged, shrinking batch get the logits they get alone (the continuous-batching invariant)."""
+    import records
+
+    model, tokenizer = model_and_tokenizer
+    encoded = [records.encode_prompt(tokenizer, prompt) for prompt in (PROMPTS[6], PROMPTS[1], PROMPTS[4])]
+    pad_id = tokenizer.pad_token_id
+
+    def alone(row, fed):
+        batch = evaluate._DecodingBatch.prefill(model, [row], [encoded[row]], pad_id, "cpu")
+        for token in fed:
+            batch.step(model, torch.tensor([token]))
+        return batch.logits[0]
+
+    with torch.no_grad():
+        batch = evaluate._DecodingBatch.prefill(model, [0, 1], encoded[:2], pad_id, "cpu")
+        first = batch.logits.argmax(dim=-1)
+        batch.step(model, first)
+        batch = batch.merge(evaluate._DecodingBatch.prefill(model, [2], encoded[2:], pad_id, "cpu"), model.config)
+        fed = {0: [int(first[0])], 1: [int(first[1])], 2: []}
+        for _ in range(3):
+            for row, logits in zip(batch.rows, batch.logits):
+                torch.testing.assert_close(logits, alone(row, fed[row]), rtol=0, atol=1e-5)
+            tokens = batch.logits.argmax(dim=-1)
+            for row, token in zip(batch.rows, tokens.tolist()):
+                fed[row].append(token)
+            batch.step(model, tokens)
+            if len(batch.rows) == 3:
+                batch = batch.select([0, 2])  # row 1 leaves, rows 0 and 2 go on
+        assert batch.rows == [0, 2]
+        for row, logits in zip(batch.rows, batch.logits):
+            torch.testing.assert_close(logits, alone(row, fed[row]), rtol=0, atol=1e-5)
 
 
 def test_scores_identical_across_batch_sizes(model_and_tokenizer):
