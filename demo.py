@@ -61,8 +61,8 @@ class DemoArguments:
         "help": "Where every step writes (target/, eval-target/, unlearn-NAME/, eval-NAME/, report.md)."})
     unlearn_config: str = field(default=here("configs", "demo.yaml"), metadata={
         "help": "Unlearning preset applied to the target (train.py YAML). The default, configs/demo.yaml, is "
-                "configs/paper.yaml at lr 1e-3: the demo data makes 40 steps where the paper made 1750 (see the "
-                "file)."})
+                "configs/paper.yaml at lr 5e-4 for 8 epochs: the demo data makes 8 steps an epoch where the paper's "
+                "made 350 (see the file)."})
     also_configs: list[str] = field(default_factory=list, metadata={
         "help": "More unlearning presets to run and compare, e.g. --also_configs configs/paper.yaml."})
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
