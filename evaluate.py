@@ -231,12 +231,11 @@ class _DecodingBatch:
         import torch
         from transformers import DynamicCache
 
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        padded = records.pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="left")
+        attention_mask = padded["attention_mask"].to(device)
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        logits = model(input_ids=padded["input_ids"].to(device), attention_mask=attention_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return cls(rows, cache, attention_mask, positions[:, -1] + 1, logits)
 

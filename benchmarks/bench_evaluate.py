@@ -30,19 +30,11 @@ def evenly_spaced(rows, n):
 
 
 def run_generation(model, tokenizer, splits, max_new_tokens, batch_size):
-    """Generate for both splits in one queue (as evaluate.py does), then score; returns ((wall, cpu) seconds
-    generating, (wall, cpu) seconds scoring, results, tables)."""
+    """evaluate.py's generation + scoring of both splits; returns ((wall, cpu) seconds, results, tables)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = [(split, r) for split, split_rows in splits.items() for r in split_rows]
-    outputs = evaluate.generate_outputs(model, tokenizer, [r.input for _, r in rows], max_new_tokens, batch_size)
-    tables = {split: [] for split in splits}
-    for (split, r), output in zip(rows, outputs):
-        tables[split].append({"id": r.id, "task": r.task, "input": r.input, "expected_output": r.output,
-                              "model_output": output})
-    generation_s = (time.perf_counter() - t0, time.process_time() - c0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    results = evaluate.compute_results(tables)
-    return generation_s, (time.perf_counter() - t0, time.process_time() - c0), results, tables
+    results, tables = evaluate.evaluate_model(model, tokenizer, splits["forget"], splits["retain"],
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return (time.perf_counter() - t0, time.process_time() - c0), results, tables
 
 
 def run_mmlu(model, tokenizer, questions, batch_size):
@@ -92,16 +84,15 @@ def main():
             mmlu[batch_size] = run_mmlu(model, tokenizer, questions, batch_size)
             print(f"mmlu batch {batch_size} ({len(questions)} questions): {mmlu[batch_size][0][0]:.1f}s", flush=True)
     generated_tokens = sum(len(tokenizer(row["model_output"])["input_ids"])
-                           for table in runs[batch_sizes[0]][3].values() for row in table)
+                           for table in runs[batch_sizes[0]][2].values() for row in table)
     print(f"generated tokens (batch {batch_sizes[0]}): {generated_tokens}")
 
     # Wall time depends on what else runs on the machine; CPU time (all threads) is the work done.
     base = batch_sizes[0]
     table = []
     for batch_size in batch_sizes:
-        (gen, score, results, _), (gen_base, score_base, _, _) = runs[batch_size], runs[base]
-        table.append(("generation + scoring", batch_size, [a + b for a, b in zip(gen, score)],
-                      [a + b for a, b in zip(gen_base, score_base)],
+        (seconds, results, _), (seconds_base, _, _) = runs[batch_size], runs[base]
+        table.append(("generation + scoring", batch_size, seconds, seconds_base,
                       f"hmean {results['harmonic-mean-task-aggregate']:.4f}"))
     for batch_size in mmlu:
         table.append(("mmlu", batch_size, mmlu[batch_size][0], mmlu[base][0], f"mmlu {mmlu[batch_size][1]:.4f}"))
@@ -110,13 +101,13 @@ def main():
         print(f"{stage:22s} {batch_size:5d} {t[0]:8.1f} {t_base[0] / t[0]:6.1f}x {t[1]:8.1f} "
               f"{t_base[1] / t[1]:6.1f}x  {score}")
 
-    t_base = runs[base][3]
+    t_base = runs[base][2]
     for batch_size in batch_sizes[1:]:
         differing = sum(a["model_output"] != b["model_output"] for split in t_base
-                        for a, b in zip(t_base[split], runs[batch_size][3][split]))
+                        for a, b in zip(t_base[split], runs[batch_size][2][split]))
         print(f"generated strings differing between batch {base} and {batch_size}: {differing} of {n_rows}")
         for key in ("forget-set", "retain-set", "aggregated-terms", "harmonic-mean-task-aggregate", "by-length"):
-            assert runs[base][2][key] == runs[batch_size][2][key], f"batch {batch_size} changed {key}"
+            assert runs[base][1][key] == runs[batch_size][1][key], f"batch {batch_size} changed {key}"
         if mmlu:
             assert mmlu[base][2] == mmlu[batch_size][2], f"batch {batch_size} changed an MMLU answer"
     print("scores identical across batch sizes")
