@@ -6,11 +6,31 @@ argument sets the defaults; flags after it override them (``train.py configs/pap
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 
 import yaml
 from transformers import HfArgumentParser
+
+
+# Third-party log records that are expected here and would bury the one-line errors and run headers:
+# (logger name, message start). Filters on a logger hold from before the module that logs is imported.
+KNOWN_NOISE = (
+    # bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package (which fetches
+    # a kernel from the hub) is absent; it then uses its own CPU kernels
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # and this on every 8-bit matmul of a non-fp16 input (bf16 on GPUs, eval mode on CPU): expected, it would flood
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
+)
+
+
+def silence_known_noise():
+    for name, start in KNOWN_NOISE:
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
+silence_known_noise()  # every entry script imports this module before anything that imports bitsandbytes
 
 
 class InputError(ValueError):

@@ -274,8 +274,6 @@ def micro_batch_for(micro_batches, accumulation_index, process_index, num_proces
 # --- training -----------------------------------------------------------------------------------------------------
 
 def make_accelerator(train_args):
-    import logging
-
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -283,10 +281,6 @@ def make_accelerator(train_args):
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if ds_file and not os.path.isabs(ds_file) and not os.path.isfile(ds_file):
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(ROOT, ds_file)
-    # bitsandbytes logs this on every 8-bit matmul of a non-fp16 input (bf16 on GPUs, eval mode on CPU): expected,
-    # and it would flood the log
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-        lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
     project = ProjectConfiguration(project_dir=train_args.output_dir,
                                    logging_dir=os.path.join(train_args.output_dir, "runs"))
     # gloo for CPU runs (also needed by DeepSpeed on CPU); NCCL is accelerate's default on GPUs

@@ -415,16 +415,40 @@ def test_overwrite_output_dir_replaces_a_finished_run(tmp_path, tiny_model_dir, 
 
 
 SUBPROCESS_CASES = ["output-dir-holds-finished-run", "option-not-a-number"]
+# On PYTHONPATH, tests/force_avx512bf16/sitecustomize.py makes bitsandbytes take the import path of CPUs with
+# AVX512-BF16, which logs a warning unless cli.py filters it: the one-line errors must not depend on the CPU model.
+FORCE_AVX512_BF16 = os.path.join(ROOT, "tests", "force_avx512bf16")
 
 
-def test_real_exit_path(tmp_path, tiny_model_dir):
-    """Two cases through ``python train.py`` (run concurrently to keep CI fast): the real stderr and exit code."""
+def cpu_env(cpu):
+    env = dict(os.environ)
+    if cpu == "avx512_bf16":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [FORCE_AVX512_BF16, env.get("PYTHONPATH")]))
+    return env
+
+
+def test_avx512_bf16_branch_is_forced():
+    """Without cli's filter, importing bitsandbytes on the forced branch prints the warning: the test below can fail."""
+    code = "import peft"  # what train.py's model loading imports; peft imports bitsandbytes
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env("as-is"))
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env("avx512_bf16"))
+    filtered = subprocess.run([sys.executable, "-c", "import cli; " + code], cwd=ROOT, capture_output=True,
+                              text=True, env=cpu_env("avx512_bf16"))
+    assert forced.returncode == plain.returncode == filtered.returncode == 0
+    assert "gemm_4bit_forward" in forced.stderr
+    assert "gemm_4bit_forward" not in filtered.stderr
+
+
+@pytest.mark.parametrize("cpu", ["as-is", "avx512_bf16"])
+def test_real_exit_path(tmp_path, tiny_model_dir, cpu):
+    """Two cases through ``python train.py`` (run concurrently to keep CI fast): the real stderr and exit code, on
+    this CPU and with bitsandbytes' AVX512-BF16 import path forced."""
     runs = []
     for name in SUBPROCESS_CASES:
         env = Env(tmp_path / name, tiny_model_dir)
         argv, fragments = CASES[name](env)
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cpu_env(cpu))
         runs.append((env, fragments, process, snapshot(env.tmp, tiny_model_dir), os.path.exists(env.out)))
     for env, fragments, process, before, out_existed in runs:
         stdout, stderr = process.communicate(timeout=300)
