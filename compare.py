@@ -4,7 +4,8 @@
 
 Each argument is an evaluate.py output dir (or its evaluation_results.json). The table shows, per run, the raw
 per-task scores (forget: lower is better; retain: higher is better), the harmonic-mean task aggregate, the MIA AUC
-and score, MMLU and the final score.
+and score, MMLU and the final score; a run missing MIA or MMLU has no official final score, and its cell shows the
+partial mean marked "(partial, no ...)". A second table shows every MIA attack's AUC and score (mia.py).
 """
 
 import json
@@ -12,13 +13,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import mia
+import scoring
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
 RESULTS_FILE = "evaluation_results.json"
 KIND_KEYS = (("regurg", "regurgitation-score"), ("know", "knowledge-score"))
 SUMMARY_KEYS = (("task agg.", "harmonic-mean-task-aggregate"), ("MIA AUC", "mia_loss_acc"),
-                ("MIA score", "mia_final_score"), ("MMLU", "mmlu_average"), ("final", "aggregate-score"))
+                ("MIA score", "mia_final_score"), ("MMLU", "mmlu_average"))
 
 
 @dataclass
@@ -56,7 +59,36 @@ def score_columns(results):
                 columns.append((f"{split} {task[-1]} {short}", (block.get(task) or {}).get(key)))
     for label, key in SUMMARY_KEYS:
         columns.append((label, results.get(key)))
+    columns.append(("final", final_cell(results)))
     return columns
+
+
+def final_cell(results):
+    """The final score, or the partial mean as text marked '(partial, no MMLU)' when a part did not run (the
+    official rule gives no final score then); None when nothing ran."""
+    label, value = scoring.final_score_label(results)
+    if value is None or label == "final score":
+        return value
+    return f"{value:.3f} (partial, no {', no '.join(scoring.missing_final_parts(results))})"
+
+
+def cell(value):
+    return "n/a" if value is None else value if isinstance(value, str) else f"{value:.3f}"
+
+
+def attack_table(named_results):
+    """Markdown table of every MIA attack's AUC and 1 - 2|AUC - 0.5| score per run ('' when only the official
+    loss attack ran everywhere)."""
+    names = [name for name in ("loss",) + tuple(mia.ATTACKS)
+             if any(results.get(mia.result_keys(name)[0]) is not None for _, results in named_results)]
+    if names == ["loss"] or not names:
+        return ""
+    header = ["run"] + [f"{mia.LABELS[name]} {kind}" for name in names for kind in ("AUC", "score")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run, results in named_results:
+        cells = [run] + [cell(results.get(key)) for name in names for key in mia.result_keys(name)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def comparison_table(named_results):
@@ -66,8 +98,12 @@ def comparison_table(named_results):
     header = ["run"] + [name for name, _ in score_columns(named_results[0][1])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, results in named_results:
-        cells = [name] + ["n/a" if value is None else f"{value:.3f}" for _, value in score_columns(results)]
+        cells = [name] + [cell(value) for _, value in score_columns(results)]
         lines.append("| " + " | ".join(cells) + " |")
+    attacks = attack_table(named_results)
+    if attacks:
+        lines += ["", "MIA attacks (AUC: members positive, 0.5 = members look like nonmembers; score = "
+                  "1 - 2|AUC - 0.5|; the official one is the loss attack):", "", attacks]
     return "\n".join(lines)
 
 
@@ -83,6 +119,7 @@ def plot_comparison(named_results, path):
                ("retain regurg.", lambda r: (r.get("retain-set") or {}).get("overall-regurgitation-score")),
                ("retain know.", lambda r: (r.get("retain-set") or {}).get("overall-knowledge-score"))]
     metrics += [(label, lambda r, key=key: r.get(key)) for label, key in SUMMARY_KEYS if key != "mia_loss_acc"]
+    metrics.append(("final (or partial)", lambda r: scoring.final_score_label(r)[1]))
     width = 0.8 / len(named_results)
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(metrics) * max(1, len(named_results) / 3)), 4))
     for i, (name, results) in enumerate(named_results):

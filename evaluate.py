@@ -1,9 +1,11 @@
 """Evaluate a model the SemEval-2025 Task 4 (LUME) way: regurgitation + knowledge on forget/retain, loss-based MIA,
-MMLU, and the official aggregate. Reproduces the organizers' final scorer, only batched and sharded.
+MMLU, and the official aggregate. Reproduces the organizers' final scorer, only batched and sharded; beside it, the
+other membership inference attacks of mia.py (Min-K%, Min-K%++, zlib, reference model).
 
     python evaluate.py --model_name_or_path MODEL --data_dir DATA --mia_data_dir MIA --mmlu_dir MMLU --output_dir OUT
     accelerate launch evaluate.py ...                      # rows sharded over processes, main process writes
     python evaluate.py --predictions_dir OUT --output_dir OUT2   # recompute every metric from saved CSVs, no model
+    python evaluate.py ... --exact                         # batch-1 strings and losses in bf16 too (slower)
 
 Writes ``OUT/evaluation_results.json`` (official keys + extras), per-row ``forget.csv``/``retain.csv``,
 ``mia_losses.csv``, ``mmlu_per_subject.csv`` and ``scores.png``; everything appears at once, the json last.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import cli
+import mia
 import records
 import scoring
 from cli import InputError
@@ -29,6 +32,8 @@ from cli import InputError
 RESULTS_FILE = "evaluation_results.json"
 ROW_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "rouge_l_recall", "exact_match"]
 MIA_COLUMNS = ["set", "id", "loss"]
+# Per-document statistics of the other attacks (mia.py); optional, so CSVs of older runs still rescore.
+MIA_EXTRA_COLUMNS = ["min_k_fraction", "min_k", "min_k_plus_plus", "zlib", "reference_loss"]
 MMLU_COLUMNS = ["subject", "category", "n", "correct", "accuracy"]
 MMLU_MAX_PROMPT_TOKENS = 2048  # the reference harness drops worked examples until the prompt fits
 
@@ -43,14 +48,28 @@ class EvalArguments:
     forget_file: Optional[str] = field(default=None, metadata={"help": "Forget split file (overrides --data_dir)."})
     retain_file: Optional[str] = field(default=None, metadata={"help": "Retain split file (overrides --data_dir)."})
     mia_data_dir: Optional[str] = field(default=None, metadata={
-        "help": "Dir with member.jsonl and nonmember.jsonl for the loss-based membership inference attack."})
+        "help": "Dir with member.jsonl and nonmember.jsonl for the membership inference attacks (the official "
+                "loss one, and Min-K%, Min-K%++, zlib and --reference_model beside it)."})
     mmlu_dir: Optional[str] = field(default=None, metadata={
-        "help": "Hendrycks MMLU dir: test/<subject>_test.csv (and dev/<subject>_dev.csv for --mmlu_ntrain)."})
-    mmlu_ntrain: int = field(default=0, metadata={"help": "Worked examples per MMLU prompt, from dev/ (0 = zero-shot)."})
+        "help": "Hendrycks MMLU dir: test/<subject>_test.csv (and dev/<subject>_dev.csv, if there, for "
+                "--mmlu_ntrain)."})
+    mmlu_ntrain: int = field(default=0, metadata={
+        "help": "Worked examples per MMLU prompt: 0 = zero-shot (the default), 5 = open-instruct's default. They "
+                "are the first N of dev/<subject>_dev.csv; without dev/, the first N other questions of the "
+                "subject's test CSV (a warning says so). The organisers' shot count is not recorded."})
     mmlu_limit: int = field(default=0, metadata={"help": "Only the first N MMLU questions per subject (0 = all)."})
+    mia_min_k: float = field(default=mia.DEFAULT_MIN_K, metadata={
+        "help": "Fraction k of the lowest-scoring tokens that Min-K% and Min-K%++ average (0 < k <= 1)."})
+    reference_model: Optional[str] = field(default=None, metadata={
+        "help": "The model before unlearning, for the reference MIA (loss minus this model's loss); "
+                "run first, then freed, so only one model is in memory at a time."})
     max_new_tokens: int = field(default=256, metadata={"help": "Greedy generation length limit (official: 256)."})
     batch_size: int = field(default=16, metadata={
         "help": "Prompts/documents per forward pass (generation, MIA and MMLU)."})
+    exact: bool = field(default=False, metadata={
+        "help": "One row at a time, no padding, for generation, MIA and MMLU: the official scorer's batch-1 "
+                "strings and losses in bfloat16 too, where batched kernels round differently (float32 batches "
+                "already give them). Slower; the results JSON records mode exact/fast."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Where results are written (required)."})
     predictions_dir: Optional[str] = field(default=None, metadata={
         "help": "Recompute all metrics from a previous run's forget.csv/retain.csv (and mia_losses.csv, "
@@ -78,6 +97,11 @@ class EvalArguments:
                 raise ValueError(f"--{name} must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--batch_size and --max_new_tokens must be >= 1")
+        if not 0 < self.mia_min_k <= 1:
+            raise ValueError("--mia_min_k must be in (0, 1]")
+        if self.reference_model and self.predictions_dir:
+            raise ValueError("--reference_model needs a model run; --predictions_dir rescores saved "
+                             "reference_loss columns")
 
 
 # --- running work over processes ------------------------------------------------------------------------------------
@@ -295,30 +319,24 @@ def document_losses(model, tokenizer, documents, batch_size=16, show_progress=Fa
     """Mean next-token cross-entropy of each whole document (labels = input ids, tokenizer defaults), as
     ``model(ids, labels=ids).loss`` gives it one at a time. Right padding is masked out of the mean.
     """
-    import torch
-    import torch.nn.functional as F
+    return [row["loss"] for row in document_statistics(model, tokenizer, documents, batch_size,
+                                                        show_progress=show_progress)]
 
+
+def document_statistics(model, tokenizer, documents, batch_size=16, k=mia.DEFAULT_MIN_K, show_progress=False):
+    """Per document {loss, min_k, min_k_plus_plus, zlib} (mia.py), the model run once per batch of similar
+    length. ``loss`` is the official attack's statistic."""
     encoded = [tokenizer(document)["input_ids"] for document in documents]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    losses = [None] * len(documents)
+    stats = [None] * len(documents)
     bar = _progress(len(documents), "mia", show_progress)
     for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
-        examples = [{"input_ids": encoded[i]} for i in batch]
-        padded = records.pad_batch(examples, pad_id, padding_side="right")
-        with torch.no_grad():
-            logits = model(input_ids=padded["input_ids"].to(device),
-                           attention_mask=padded["attention_mask"].to(device)).logits
-        # Like transformers' loss: float32 logits, token t predicts token t+1.
-        logits = logits[:, :-1].float()
-        labels = padded["labels"][:, 1:].to(device)
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        counts = (labels != -100).sum(dim=1)
-        for i, total, count in zip(batch, token_loss.sum(dim=1).tolist(), counts.tolist()):
-            losses[i] = total / count if count else float("nan")
+        rows = mia.batch_statistics(model, [encoded[i] for i in batch], [documents[i] for i in batch], pad_id, k)
+        for i, row in zip(batch, rows):
+            stats[i] = row
         bar.update(len(batch))
     bar.close()
-    return losses
+    return stats
 
 
 def choice_logits(model, tokenizer, prompts, batch_size=16, show_progress=False):
@@ -377,18 +395,29 @@ def load_mmlu(mmlu_dir, ntrain=0, limit=0):
     if not paths:
         raise InputError(f"--mmlu_dir {mmlu_dir}: no <subject>_test.csv files in test/")
     questions = []
+    from_test = []
     for path in paths:
         subject = os.path.basename(path)[:-len("_test.csv")]
-        shots = []
-        if ntrain:
-            dev_path = os.path.join(mmlu_dir, "dev", f"{subject}_dev.csv")
-            if not os.path.isfile(dev_path):
-                raise InputError(f"--mmlu_ntrain {ntrain} needs {dev_path} (worked examples come from dev/)")
-            shots = _read_mmlu_csv(dev_path)[:ntrain]
         rows = _read_mmlu_csv(path)
-        for question, choices, answer in rows[:limit] if limit else rows:
+        dev_path = os.path.join(mmlu_dir, "dev", f"{subject}_dev.csv")
+        dev_shots = _read_mmlu_csv(dev_path)[:ntrain] if ntrain and os.path.isfile(dev_path) else None
+        if ntrain and dev_shots is None:
+            from_test.append(subject)
+        for index, (question, choices, answer) in enumerate(rows[:limit] if limit else rows):
+            if not ntrain:
+                shots, shots_from = [], "none"
+            elif dev_shots is not None:
+                shots, shots_from = dev_shots, "dev"  # the reference harness: the subject's first ntrain dev rows
+            else:
+                # No dev split (the shared copy has test/ only): the first ntrain *other* questions of the subject,
+                # so no question is shown its own answer, and the scored questions are the same as at 0 shots.
+                shots, shots_from = [row for j, row in enumerate(rows) if j != index][:ntrain], "test"
             questions.append({"subject": subject, "question": question, "choices": choices, "answer": answer,
-                              "shots": shots})
+                              "shots": shots, "shots_from": shots_from})
+    if from_test:
+        print(f"[WARNING] --mmlu_ntrain {ntrain}: no dev/<subject>_dev.csv for {len(from_test)} subject(s) "
+              f"({from_test[0]}, ...); their worked examples are the first {ntrain} other questions of the test "
+              f"CSV (the reference harness takes them from dev/)", file=sys.stderr)
     return questions
 
 
@@ -409,28 +438,52 @@ def mmlu_prompts(tokenizer, questions):
 
 def evaluate_model(model, tokenizer, forget_records=None, retain_records=None, member_documents=None,
                    nonmember_documents=None, mmlu_questions=None, max_new_tokens=256, batch_size=16,
-                   accelerator=None, show_progress=False, length_threshold=0, mmlu_threshold=0.371):
+                   accelerator=None, show_progress=False, length_threshold=0, mmlu_threshold=0.371,
+                   exact=False, mia_min_k=mia.DEFAULT_MIN_K, reference_losses=None):
     """Run the model on whatever data is given; returns (results, tables), identical on every process.
 
     ``*_records``: lists of records.Record; ``*_documents``: lists of (id, text) from records.load_documents;
     ``mmlu_questions``: from load_mmlu. ``tables`` holds the per-row data that write_outputs saves and
-    compute_results scores (so rescoring saved CSVs reproduces the same numbers).
+    compute_results scores (so rescoring saved CSVs reproduces the same numbers). ``exact``: batch size 1
+    everywhere (see --exact). ``reference_losses``: the reference model's loss per MIA document, members first
+    (as reference_document_losses returns them), for the reference attack.
     """
+    # In bfloat16, batched kernels round differently from batch 1 (a padded row, a different matrix shape), which
+    # flips some greedy tokens; one row at a time without padding is the official scorer's computation.
+    batch_size = 1 if exact else batch_size
     was_training = model.training
     model.eval()  # train.py may hand over a model mid-training: no dropout while scoring, restored below
     try:
         tables, timings = _run_model(model, tokenizer, forget_records, retain_records, member_documents,
                                      nonmember_documents, mmlu_questions, max_new_tokens, batch_size, accelerator,
-                                     show_progress)
+                                     show_progress, mia_min_k, reference_losses)
     finally:
         model.train(was_training)
     results = compute_results(tables, length_threshold=length_threshold, mmlu_threshold=mmlu_threshold)
     results["timings"] = {**timings, **results["timings"]}
+    results["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    results["batch_size"] = batch_size
+    results["mode"] = "exact" if exact else "fast"
     return results, tables
 
 
+def mia_documents(member_documents, nonmember_documents):
+    """[(set, (id, text))], members first: the order of the MIA table and of reference losses."""
+    return [("member", d) for d in member_documents] + [("nonmember", d) for d in nonmember_documents]
+
+
+def reference_document_losses(model, tokenizer, member_documents, nonmember_documents, batch_size=16,
+                              accelerator=None, show_progress=False):
+    """The reference model's loss per MIA document (members first), for evaluate_model's ``reference_losses``."""
+    texts = [text for _, (_, text) in mia_documents(member_documents, nonmember_documents)]
+    model.eval()
+    return run_sharded(texts, lambda chunk: document_losses(model, tokenizer, chunk, batch_size, show_progress),
+                       accelerator)
+
+
 def _run_model(model, tokenizer, forget_records, retain_records, member_documents, nonmember_documents,
-               mmlu_questions, max_new_tokens, batch_size, accelerator, show_progress):
+               mmlu_questions, max_new_tokens, batch_size, accelerator, show_progress, mia_min_k=mia.DEFAULT_MIN_K,
+               reference_losses=None):
     tables, timings = {}, {}
     start = time.perf_counter()
     splits = [(split, rows) for split, rows in (("forget", forget_records), ("retain", retain_records)) if rows]
@@ -446,11 +499,17 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
             outputs = outputs[len(rows):]
     if member_documents and nonmember_documents:
         t0 = time.perf_counter()
-        documents = [("member", d) for d in member_documents] + [("nonmember", d) for d in nonmember_documents]
-        losses = run_sharded([text for _, (_, text) in documents], lambda texts: document_losses(
-            model, tokenizer, texts, batch_size, show_progress), accelerator)
-        tables["mia"] = [{"set": kind, "id": doc_id, "loss": loss}
-                         for (kind, (doc_id, _)), loss in zip(documents, losses)]
+        documents = mia_documents(member_documents, nonmember_documents)
+        stats = run_sharded([text for _, (_, text) in documents], lambda texts: document_statistics(
+            model, tokenizer, texts, batch_size, mia_min_k, show_progress), accelerator)
+        tables["mia"] = [{"set": kind, "id": doc_id, "loss": row["loss"], "min_k_fraction": mia_min_k,
+                          "min_k": row["min_k"], "min_k_plus_plus": row["min_k_plus_plus"], "zlib": row["zlib"]}
+                         for (kind, (doc_id, _)), row in zip(documents, stats)]
+        if reference_losses is not None:
+            if len(reference_losses) != len(documents):
+                raise ValueError(f"{len(reference_losses)} reference losses for {len(documents)} MIA documents")
+            for row, reference_loss in zip(tables["mia"], reference_losses):
+                row["reference_loss"] = reference_loss
         timings["mia_s"] = time.perf_counter() - t0
     if mmlu_questions:
         t0 = time.perf_counter()
@@ -491,16 +550,20 @@ def compute_results(tables, length_threshold=0, mmlu_threshold=0.371):
             raise InputError(f"MIA: {error}") from None
         results["mia_final_score"] = scoring.mia_final_score(results["mia_loss_acc"])
         results["mia_documents"] = {"member": len(members), "nonmember": len(nonmembers)}
+        try:
+            results.update(mia.attack_results(tables["mia"]))
+        except ValueError as error:
+            raise InputError(f"MIA: {error}") from None
+        if "min_k_fraction" in tables["mia"][0]:
+            results["mia_min_k_fraction"] = tables["mia"][0]["min_k_fraction"]
     if "mmlu" in tables:
         summary = scoring.mmlu_summary(tables["mmlu"])
         results["mmlu_average"] = summary["mmlu_average"]
         results["mmlu_questions"] = summary["mmlu_questions"]
         results["mmlu_per_category"] = summary["mmlu_per_category"]
         results["mmlu_below_threshold"] = summary["mmlu_average"] < mmlu_threshold
-    score, used = scoring.final_aggregate(results.get("harmonic-mean-task-aggregate"),
-                                          results.get("mia_final_score"), results.get("mmlu_average"))
-    results["aggregate-score"] = score
-    results["aggregate-score-components"] = used
+    results.update(scoring.final_score(results.get("harmonic-mean-task-aggregate"), results.get("mia_final_score"),
+                                       results.get("mmlu_average")))
     results["by-length"] = by_length(tables, length_threshold)
     results["rows"] = {split: len(tables[split]) for split in ("forget", "retain") if split in tables}
     results["timings"] = {"scoring_s": time.perf_counter() - t0}
@@ -557,10 +620,11 @@ def load_predictions(predictions_dir):
     path = os.path.join(predictions_dir, "mia_losses.csv")
     if os.path.isfile(path):
         try:
-            tables["mia"] = [{"set": r["set"], "id": r["id"], "loss": float(r["loss"])}
+            tables["mia"] = [{"set": r["set"], "id": r["id"], "loss": float(r["loss"]),
+                              **{column: float(r[column]) for column in MIA_EXTRA_COLUMNS if column in r}}
                              for r in _read_csv(path, MIA_COLUMNS)]
         except ValueError:
-            raise InputError(f"{path}: a loss is not a number") from None
+            raise InputError(f"{path}: a loss or MIA statistic is not a number") from None
     path = os.path.join(predictions_dir, "mmlu_per_subject.csv")
     if os.path.isfile(path):
         try:
@@ -592,8 +656,8 @@ def plot_scores(results, path):
         ax.set_ylim(0, 1)
         ax.set_title(f"{split} set (lower is better)" if split == "forget" else f"{split} set (higher is better)")
         ax.legend(loc="upper right", fontsize=8)
-    score = results.get("aggregate-score")
-    fig.suptitle("aggregate score: " + (f"{score:.3f}" if score is not None else "n/a"))
+    label, score = scoring.final_score_label(results)
+    fig.suptitle(f"{label}: " + (f"{score:.3f}" if score is not None else "n/a"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -613,7 +677,8 @@ def write_outputs(results, tables, output_dir):
             pd.DataFrame(tables[split], columns=ROW_COLUMNS).to_csv(os.path.join(staging, f"{split}.csv"),
                                                                     index=False)
     if "mia" in tables:
-        pd.DataFrame(tables["mia"], columns=MIA_COLUMNS).to_csv(os.path.join(staging, "mia_losses.csv"), index=False)
+        columns = MIA_COLUMNS + [c for c in MIA_EXTRA_COLUMNS if all(c in row for row in tables["mia"])]
+        pd.DataFrame(tables["mia"], columns=columns).to_csv(os.path.join(staging, "mia_losses.csv"), index=False)
     if "mmlu" in tables:
         pd.DataFrame(tables["mmlu"], columns=MMLU_COLUMNS).to_csv(os.path.join(staging, "mmlu_per_subject.csv"),
                                                                   index=False)
@@ -629,10 +694,19 @@ def write_outputs(results, tables, output_dir):
 
 def summary_lines(results):
     lines = []
-    for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average",
-                "aggregate-score"):
+    for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average"):
         if results.get(key) is not None:
             lines.append(f"{key:30s} {results[key]:.4f}")
+    for name in mia.ATTACKS:
+        auc_key, score_key = mia.result_keys(name)
+        if results.get(auc_key) is not None:
+            lines.append(f"{auc_key:30s} {results[auc_key]:.4f}   {score_key} {results[score_key]:.4f}")
+    label, score = scoring.final_score_label(results)
+    if score is not None and label == "final score":
+        lines.append(f"{'aggregate-score':30s} {score:.4f}")
+    elif score is not None:
+        lines.append(f"{'partial-aggregate-score':30s} {score:.4f}   ({label}: not the official final score, "
+                     f"which needs all three parts)")
     if results.get("skipped-terms"):
         lines.append(f"skipped terms (no rows): {', '.join(results['skipped-terms'])}")
     return lines
@@ -649,6 +723,7 @@ def main(argv=None):
         check_output_dir(args.output_dir, [args.predictions_dir], args.overwrite_output_dir, RESULTS_FILE)
         tables = load_predictions(args.predictions_dir)
         results = compute_results(tables, args.length_threshold, args.mmlu_threshold)
+        results["mode"] = "rescored"  # from saved CSVs: dtype and batch size are the original run's
         results["config"] = config
         write_outputs(results, tables, args.output_dir)
         finish(results, args)
@@ -675,8 +750,10 @@ def main(argv=None):
     if not (forget_records or retain_records or members or questions):
         raise InputError("nothing to evaluate: give --data_dir/--forget_file/--retain_file, --mia_data_dir "
                          "or --mmlu_dir")
+    if args.reference_model and not (members and nonmembers):
+        raise InputError("--reference_model needs --mia_data_dir (it only serves the reference MIA)")
     inputs = [args.model_name_or_path, args.adapter, args.data_dir, forget_file, retain_file, args.mia_data_dir,
-              args.mmlu_dir]
+              args.mmlu_dir, args.reference_model]
     check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE)
 
     from accelerate import Accelerator
@@ -684,6 +761,18 @@ def main(argv=None):
     from modeling import load_for_inference
 
     accelerator = Accelerator()
+    reference_losses, reference_s = None, None
+    if args.reference_model:
+        # The reference model runs first and is freed, so only one model is in memory at a time.
+        t0 = time.perf_counter()
+        reference, reference_tokenizer = load_for_inference(args.reference_model, None, args.torch_dtype)
+        reference.to(accelerator.device)
+        reference_losses = reference_document_losses(
+            reference, reference_tokenizer, members, nonmembers, 1 if args.exact else args.batch_size, accelerator,
+            accelerator.is_main_process)
+        del reference
+        _free_accelerator_memory()
+        reference_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model, tokenizer = load_for_inference(args.model_name_or_path, args.adapter, args.torch_dtype)
     model.to(accelerator.device)
@@ -692,10 +781,17 @@ def main(argv=None):
         model, tokenizer, forget_records, retain_records, members, nonmembers, questions,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, accelerator=accelerator,
         show_progress=accelerator.is_main_process, length_threshold=args.length_threshold,
-        mmlu_threshold=args.mmlu_threshold)
+        mmlu_threshold=args.mmlu_threshold, exact=args.exact, mia_min_k=args.mia_min_k,
+        reference_losses=reference_losses)
     results["timings"]["load_s"] = load_s
+    if reference_s is not None:
+        results["timings"]["reference_s"] = reference_s  # loading and running the reference model
     config["num_processes"] = accelerator.num_processes
     config["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    if questions:
+        # Where the worked examples came from: "dev", "test" (other questions, no dev/ there) or "none" (0-shot).
+        results["mmlu_shots"] = {"ntrain": args.mmlu_ntrain,
+                                 "source": sorted({q["shots_from"] for q in questions})}
     results["config"] = config
     if accelerator.is_main_process:
         write_outputs(results, tables, args.output_dir)
@@ -707,6 +803,16 @@ def main(argv=None):
         sys.stderr.flush()
         os._exit(0)
     return results
+
+
+def _free_accelerator_memory():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def finish(results, args):

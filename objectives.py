@@ -10,12 +10,12 @@ Hugging Face's causal-LM loss computes. The forget objectives of Sun & Li (2025)
 Retain batches use L_ntp, or ``kl`` (KL from the frozen reference's token distribution) or ``ntp_kl`` (both).
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-FORGET_LOSSES = ("gi", "gi2", "ga", "ntp", "npo", "none")
-RETAIN_LOSSES = ("ntp", "kl", "ntp_kl", "none")
-NEEDS_REFERENCE = {"npo", "kl", "ntp_kl"}  # objectives that compare with the frozen model
 # alpha / L explodes as L -> 0 on memorised text. The value is floored at NLL_FLOOR (so the loss is at most
 # alpha / NLL_FLOOR), while the gradient of L still flows: a fully memorised answer is still pushed away.
 NLL_FLOOR = 1e-3
@@ -66,7 +66,7 @@ def floored(nll, floor=NLL_FLOOR):
 
 
 def forget_loss(nll, kind, alpha=1.0, floor=NLL_FLOOR):
-    """The forget objective ``kind`` applied to a batch's answer NLL."""
+    """The NLL-based forget objective ``kind`` (gi, gi2, ga, ntp) applied to a batch's answer NLL."""
     if kind == "gi":
         return alpha / floored(nll, floor)
     if kind == "gi2":
@@ -75,25 +75,81 @@ def forget_loss(nll, kind, alpha=1.0, floor=NLL_FLOOR):
         return -nll
     if kind == "ntp":
         return nll
-    raise ValueError(f"unknown forget loss {kind!r}; expected one of {', '.join(FORGET_LOSSES[:-1])}")
+    raise ValueError(f"unknown forget loss {kind!r} for an NLL-based objective; expected gi, gi2, ga or ntp")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective: loss(logits, labels, reference_logits, settings) -> scalar, where settings has
+    alpha, floor and npo_beta; needs_reference: the frozen model's logits must be computed for its batches."""
+    loss: Callable
+    needs_reference: bool = False
+
+
+def _nll_objective(kind):
+    return Objective(lambda logits, labels, ref, s: forget_loss(answer_nll(logits, labels), kind, s.alpha, s.floor))
+
+
+# The one table of objectives: batch kind -> objective name -> Objective. Adding a method is one entry here (and its
+# name in train.py's --forget_loss/--retain_loss help). "none" (no batches of that kind) is a choice, not an entry.
+OBJECTIVES = {
+    "forget": {
+        "gi": _nll_objective("gi"),
+        "gi2": _nll_objective("gi2"),
+        "ga": _nll_objective("ga"),
+        "ntp": _nll_objective("ntp"),
+        "npo": Objective(lambda logits, labels, ref, s: npo_loss(sequence_logprob(logits, labels),
+                                                                 sequence_logprob(ref, labels), s.npo_beta),
+                         needs_reference=True),
+    },
+    "retain": {
+        "ntp": Objective(lambda logits, labels, ref, s: answer_nll(logits, labels)),
+        "kl": Objective(lambda logits, labels, ref, s: kl_to_reference(logits, ref, labels), needs_reference=True),
+        "ntp_kl": Objective(lambda logits, labels, ref, s: answer_nll(logits, labels)
+                            + kl_to_reference(logits, ref, labels), needs_reference=True),
+    },
+}
+FORGET_LOSSES = tuple(OBJECTIVES["forget"]) + ("none",)
+RETAIN_LOSSES = tuple(OBJECTIVES["retain"]) + ("none",)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    alpha: float = 1.0
+    floor: float = NLL_FLOOR
+    npo_beta: float = 0.1
+
+
+def objective_for(batch_kind, forget_objective, retain_objective):
+    """The Objective a batch of this kind trains with, or None for idk / mixed batches (answer NLL, see batch_loss)."""
+    if batch_kind == "forget":
+        return OBJECTIVES["forget"][forget_objective]
+    if batch_kind == "retain":
+        return OBJECTIVES["retain"][retain_objective]
+    return None
+
+
+def needs_reference(batch_kind, forget_objective, retain_objective):
+    if (forget_objective if batch_kind == "forget" else retain_objective) == "none":
+        return False  # no batches of that kind
+    objective = objective_for(batch_kind, forget_objective, retain_objective)
+    return objective is not None and objective.needs_reference
 
 
 def batch_loss(batch_kind, logits, labels, forget_objective="gi", retain_objective="ntp", alpha=1.0,
-               floor=NLL_FLOOR, reference_logits=None, npo_beta=0.1):
+               floor=NLL_FLOOR, reference_logits=None, npo_beta=0.1, row_weights=None):
     """(loss, L_ntp) of one batch: forget batches use the forget objective, retain batches the retain objective,
-    idk batches L_ntp. ``reference_logits`` (the frozen model's) are needed by npo, kl and ntp_kl."""
+    idk batches L_ntp. ``reference_logits`` (the frozen model's) are needed where the objective says so.
+
+    ``mixed`` batches (forget and retain rows in one batch, AILS-NTUA's schedule) use per-row weights:
+    mean_i(row_weights[i] * NLL_i), e.g. -1 on forget rows (gradient ascent) and +0.5 on retain rows."""
     nll = answer_nll(logits, labels)
-    if batch_kind == "forget":
-        if forget_objective == "npo":
-            loss = npo_loss(sequence_logprob(logits, labels), sequence_logprob(reference_logits, labels), npo_beta)
-        else:
-            loss = forget_loss(nll, forget_objective, alpha, floor)
-    elif batch_kind == "retain" and retain_objective in ("kl", "ntp_kl"):
-        kl = kl_to_reference(logits, reference_logits, labels)
-        loss = kl if retain_objective == "kl" else nll + kl
-    else:
-        loss = nll
-    return loss, nll
+    if batch_kind == "mixed":
+        return (row_weights.to(logits.device) * per_sequence_nll(logits, labels)).mean(), nll
+    objective = objective_for(batch_kind, forget_objective, retain_objective)
+    if objective is None:
+        return nll, nll
+    return objective.loss(logits, labels, reference_logits, LossSettings(alpha, floor, npo_beta)), nll
 
 
 def zero_loss(model):

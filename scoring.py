@@ -4,7 +4,7 @@ best-checkpoint selection, so both compute exactly the same numbers.
 The formulas follow the organizers' final scorer (Jan 2025): ROUGE-L recall for regurgitation (sentence-completion
 rows), case-insensitive exact match for knowledge (question-answering rows), per task means, 12 terms (forget terms
 inverted), their harmonic mean, a loss-based MIA AUC folded into ``1 - 2|AUC - 0.5|``, MMLU accuracy, and the mean of
-the three as the final score.
+the three as the final score (only when all three ran, as the official script: otherwise a partial score, named so).
 """
 
 import math
@@ -101,17 +101,22 @@ def harmonic_mean_terms(values):
     return float(statistics.harmonic_mean(values))
 
 
-def mia_auc(member_losses, nonmember_losses):
-    """ROC AUC of 'is a member' scored by -loss: members with lower loss than nonmembers give AUC > 0.5."""
+def membership_auc(member_scores, nonmember_scores):
+    """ROC AUC of 'is a member' with members as positives and higher score = more member-like."""
     from sklearn.metrics import roc_auc_score
 
-    losses = list(member_losses) + list(nonmember_losses)
-    if not member_losses or not nonmember_losses:
-        raise ValueError("MIA needs at least one member and one nonmember loss")
-    if any(math.isnan(loss) for loss in losses):
-        raise ValueError("MIA losses contain NaN")
-    labels = [1] * len(member_losses) + [0] * len(nonmember_losses)
-    return float(roc_auc_score(labels, [-loss for loss in losses]))
+    scores = list(member_scores) + list(nonmember_scores)
+    if not member_scores or not nonmember_scores:
+        raise ValueError("MIA needs at least one member and one nonmember document")
+    if any(math.isnan(score) for score in scores):
+        raise ValueError("MIA statistics contain NaN")
+    labels = [1] * len(member_scores) + [0] * len(nonmember_scores)
+    return float(roc_auc_score(labels, scores))
+
+
+def mia_auc(member_losses, nonmember_losses):
+    """ROC AUC of 'is a member' scored by -loss: members with lower loss than nonmembers give AUC > 0.5."""
+    return membership_auc([-loss for loss in member_losses], [-loss for loss in nonmember_losses])
 
 
 def mia_final_score(auc):
@@ -127,6 +132,37 @@ def final_aggregate(task_aggregate=None, mia_score=None, mmlu_average=None):
     if not used:
         return None, []
     return float(statistics.mean(value for _, value in used)), [name for name, _ in used]
+
+
+FINAL_PARTS = (("harmonic-mean-task-aggregate", "task aggregate"), ("mia_final_score", "MIA"),
+               ("mmlu_average", "MMLU"))
+
+
+def final_score(task_aggregate=None, mia_score=None, mmlu_average=None):
+    """The official rule: a final score (``aggregate-score``) only when all three parts ran; the organisers' script
+    gives none otherwise. Then the mean of the parts that did run is reported under another name,
+    ``partial-aggregate-score``, with ``final_score_parts`` naming what it averages."""
+    score, used = final_aggregate(task_aggregate, mia_score, mmlu_average)
+    if len(used) == len(FINAL_PARTS):
+        return {"aggregate-score": score, "aggregate-score-components": used}
+    return {"aggregate-score": None, "aggregate-score-components": [], "partial-aggregate-score": score,
+            "final_score_parts": used}
+
+
+def missing_final_parts(results):
+    """Labels of the final score's parts that a results dict lacks ('task aggregate', 'MIA', 'MMLU')."""
+    return [label for key, label in FINAL_PARTS if results.get(key) is None]
+
+
+def final_score_label(results):
+    """(label, value) of a results dict's final score: ('final score', x) when all three parts ran, else
+    ('partial score (no MMLU)', mean of the rest), also for files written before the rule (aggregate-score over
+    fewer parts); value None when nothing ran."""
+    missing = missing_final_parts(results)
+    if not missing:
+        return "final score", results.get("aggregate-score")
+    value = results.get("partial-aggregate-score", results.get("aggregate-score"))
+    return f"partial score (no {', no '.join(missing)})", value
 
 
 def length_breakdown(rows, threshold):

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from cli import InputError, parse_config, run_main
-from objectives import FORGET_LOSSES, NEEDS_REFERENCE, NLL_FLOOR, RETAIN_LOSSES, batch_loss, is_finite, zero_loss
+from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
+                        per_sequence_nll, zero_loss)
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +32,9 @@ DONE_MARKER = "train_config.yaml"  # written last: its presence means the run fi
 CHECKPOINT_STATE = "trainer_state.json"  # step counters and data position, written last into a checkpoint
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
+SCHEDULES = ("kinds", "chunked")
+BEST_METRICS = ("task_mia_mean", "final", "task_aggregate", "mia_score")
+BEST_WEIGHTS = "best_trainable.safetensors"  # in a checkpoint: the best evaluated step's trainable weights
 
 
 @dataclass
@@ -120,6 +124,51 @@ class TrainArguments:
                                                             "in time; 0 = none."})
     batch_log: bool = field(default=False, metadata={"help": "Write every micro-batch's step, kind and record ids "
                                                      "to output_dir/batch_log/rank<N>.jsonl (audits the schedule)."})
+    # calibrated forgetting
+    calibration_file: str = field(default="", metadata={"help": "Held-out rows in the forget-set format (.jsonl/"
+                                                        ".parquet; documents of the same tasks never trained into "
+                                                        "the model). At the start, their mean answer NLL per task "
+                                                        "and row kind (sc/qa) is the level a forget row is driven "
+                                                        "to and no further: the forget term is off for rows at or "
+                                                        "above it and back on if they fall below. Their sc rows are "
+                                                        "also the MIA nonmembers of --eval_steps. '' = off."})
+    calibration_margin: float = field(default=1.0, metadata={"help": "Target NLL = margin x the calibration level "
+                                                             "(1.0: exactly as likely as unseen text)."})
+    # AILS-NTUA's schedule
+    schedule: str = field(default="kinds", metadata={"help": "kinds: one loss kind per optimizer step (the paper's "
+                                                     "multi-task loop); chunked: AILS-NTUA's data chunking, the forget "
+                                                     "set in disjoint chunks of --forget_chunk_size rows, each mixed "
+                                                     "with "
+                                                     "--retain_per_forget retain rows per forget row (cycling through "
+                                                     "the retain set) and trained --epochs_per_chunk epochs before "
+                                                     "the next; a batch mixes forget and retain rows with per-row "
+                                                     "weights --forget_weight / --retain_weight on their NLL."})
+    forget_chunk_size: int = field(default=0, metadata={"help": "--schedule chunked: forget rows per chunk (the last "
+                                                        "may be smaller); 0 = one chunk of every forget row."})
+    retain_per_forget: int = field(default=7, metadata={"help": "--schedule chunked: retain rows per forget row in a "
+                                                        "chunk."})
+    epochs_per_chunk: int = field(default=1, metadata={"help": "--schedule chunked: passes over a chunk before the "
+                                                       "next one."})
+    forget_weight: float = field(default=-1.0, metadata={"help": "--schedule chunked: weight on a forget row's NLL "
+                                                         "(-1: gradient ascent)."})
+    retain_weight: float = field(default=0.5, metadata={"help": "--schedule chunked: weight on a retain row's NLL."})
+    # evaluation during training and best-checkpoint selection
+    eval_steps: int = field(default=0, metadata={"help": "Score a dev slice every N optimizer steps and at the end "
+                                                 "with the official SemEval metric (forget/retain rows, MIA with "
+                                                 "the forget sc documents as members and --calibration_file's sc "
+                                                 "documents as nonmembers, optional MMLU); the best step's model is "
+                                                 "the one published. 0 = off (the last step's model)."})
+    eval_rows: int = field(default=0, metadata={"help": "--eval_steps: the first N forget and N retain rows (before "
+                                                "augmentation) form the dev slice; 0 = all."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "--eval_steps: greedy generation limit "
+                                                            "(official: 256)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "--eval_steps: generation / MIA batch size."})
+    eval_mmlu_dir: str = field(default="", metadata={"help": "--eval_steps: Hendrycks MMLU dir to include MMLU "
+                                                     "('' = none)."})
+    eval_mmlu_limit: int = field(default=1, metadata={"help": "--eval_steps: MMLU questions per subject."})
+    metric_for_best_model: str = field(default="task_mia_mean", metadata={
+        "help": "--eval_steps: what 'best' maximises: task_mia_mean (mean of the task aggregate and the MIA score), "
+                "final (mean of those and MMLU; needs --eval_mmlu_dir), task_aggregate or mia_score."})
 
     def __post_init__(self):
         if self.forget_loss not in FORGET_LOSSES:
@@ -140,6 +189,19 @@ class TrainArguments:
             raise ValueError(f"--save_total_limit {self.save_total_limit}: must be >= 1")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to {self.report_to}: expected tensorboard or none")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule}: expected one of {', '.join(SCHEDULES)}")
+        if min(self.retain_per_forget, self.epochs_per_chunk) < 1 or self.forget_chunk_size < 0:
+            raise ValueError("--retain_per_forget and --epochs_per_chunk must be >= 1, --forget_chunk_size >= 0")
+        if not self.calibration_margin > 0:
+            raise ValueError(f"--calibration_margin {self.calibration_margin}: must be > 0")
+        if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0:
+            raise ValueError("--eval_steps, --eval_rows and --eval_mmlu_limit must be >= 0")
+        if self.eval_max_new_tokens < 1 or self.eval_batch_size < 1:
+            raise ValueError("--eval_max_new_tokens and --eval_batch_size must be >= 1")
+        if self.metric_for_best_model not in BEST_METRICS:
+            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: expected one of "
+                             f"{', '.join(BEST_METRICS)}")
 
 
 def check_arguments(model_args, data_args, train_args):
@@ -161,7 +223,26 @@ def check_arguments(model_args, data_args, train_args):
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise InputError("--load_in_8bit and --load_in_4bit: choose one")
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
-    if {train_args.forget_loss, train_args.retain_loss} & NEEDS_REFERENCE and model_args.lora_r == 0:
+    if train_args.schedule == "chunked" and (train_args.forget_loss != "ga" or train_args.retain_loss != "ntp"
+                                             or data_args.idk_responses):
+        raise InputError("--schedule chunked trains each row on --forget_weight/--retain_weight x its NLL (gradient "
+                         "ascent on forget rows, descent on retain rows): set --forget_loss ga --retain_loss ntp, "
+                         "without --idk_responses")
+    if train_args.metric_for_best_model == "final" and train_args.eval_steps and not train_args.eval_mmlu_dir:
+        raise InputError("--metric_for_best_model final averages MMLU too: give --eval_mmlu_dir, or choose "
+                         "task_mia_mean")
+    if train_args.metric_for_best_model in ("task_mia_mean", "final", "mia_score") and train_args.eval_steps \
+            and not train_args.calibration_file:
+        raise InputError(f"--metric_for_best_model {train_args.metric_for_best_model} needs the MIA, whose "
+                         f"nonmembers are --calibration_file's documents: give one, or choose task_aggregate")
+    if train_args.eval_steps and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise InputError("--eval_steps under DeepSpeed is not supported (its master weights live in the engine); "
+                         "use accelerate_configs/multi_gpu.yaml (DDP) or evaluate.py on the saved checkpoints")
+    for flag in ("calibration_file", "eval_mmlu_dir"):
+        path = getattr(train_args, flag)
+        if path and not os.path.exists(path):
+            raise InputError(f"--{flag} {path}: not found")
+    if needs_reference_model(train_args) and model_args.lora_r == 0:
         raise InputError(f"--forget_loss {train_args.forget_loss} / --retain_loss {train_args.retain_loss} compare "
                          f"with the frozen base, read by disabling the LoRA adapter: set --lora_r > 0")
     if quantized and model_args.lora_r == 0:
@@ -199,7 +280,8 @@ def load_idk_responses(path):
 def build_examples(tokenizer, data_args, train_args):
     """Tokenised examples per batch kind: {'retain': [...], 'forget': [...], 'idk': [...]} (kinds in use only).
 
-    Each example is {input_ids, labels, id}; idk examples are ids idk0, idk1, ... (one per distinct forget input).
+    Each example is {input_ids, labels, id, task}; idk examples are ids idk0, idk1, ... (one per distinct forget
+    input). With --schedule chunked, forget and retain rows become one 'mixed' kind (see chunk_examples).
     """
     from augment import augment_records
 
@@ -213,7 +295,7 @@ def build_examples(tokenizer, data_args, train_args):
             responses = load_idk_responses(data_args.idk_file)
             rng = random.Random(train_args.seed)
             prompts = list(dict.fromkeys(record.input for record in forget))  # each forget input once
-            records["idk"] = [(f"idk{i}", prompt, rng.choice(responses)) for i, prompt in enumerate(prompts)]
+            records["idk"] = [(f"idk{i}", prompt, rng.choice(responses), "") for i, prompt in enumerate(prompts)]
     if retain_path and train_args.retain_loss != "none":
         retain = load_records(retain_path)
         records["retain"] = (augment_records(retain, data_args.augment)
@@ -223,10 +305,29 @@ def build_examples(tokenizer, data_args, train_args):
                          "or --idk_responses, and/or a retain set")
     examples = {}
     for kind, rows in records.items():
-        triples = rows if kind == "idk" else [(record.id, record.input, record.output) for record in rows]
+        rows = rows if kind == "idk" else [(r.id, r.input, r.output, r.task) for r in rows]
         examples[kind] = [dict(encode_example(tokenizer, prompt, answer, data_args.max_length, data_args.loss_on),
-                               id=record_id) for record_id, prompt, answer in triples]
+                               id=record_id, task=task) for record_id, prompt, answer, task in rows]
     return examples
+
+
+def steps_of(indices, lengths, micro_batch_size, micro_batches_per_step, rng):
+    """Cut example indices into optimizer steps of micro_batches_per_step micro-batches: shuffled, wrapped around to
+    fill the last step (every process always has a full micro-batch), sorted by length within windows of 8 steps so
+    a micro-batch pads little."""
+    per_step = micro_batch_size * micro_batches_per_step
+    order = list(indices)
+    rng.shuffle(order)
+    n_steps = math.ceil(len(order) / per_step)
+    order = [order[i % len(order)] for i in range(n_steps * per_step)]
+    window = per_step * 8
+    for start in range(0, len(order), window):
+        order[start:start + window] = sorted(order[start:start + window], key=lambda i: -lengths[i])
+    steps = []
+    for step in range(n_steps):
+        chunk = order[step * per_step:(step + 1) * per_step]
+        steps.append([chunk[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(micro_batches_per_step)])
+    return steps
 
 
 def epoch_schedule(lengths_by_kind, micro_batch_size, micro_batches_per_step, seed, epoch):
@@ -234,41 +335,261 @@ def epoch_schedule(lengths_by_kind, micro_batch_size, micro_batches_per_step, se
     micro-batches of micro_batch_size example indices each, all of one kind.
 
     Deterministic in (seed, epoch), so every process builds the same list and takes its own micro-batches
-    (disjoint samples, same kind at the same step). Inside a kind, indices are shuffled, then sorted by length
-    within windows of 8 steps so a micro-batch pads little. The last step of a kind is filled by wrapping around
-    the shuffled indices, so every process always has a full micro-batch. The list is independent of the number
-    of processes for a fixed micro_batches_per_step (= processes x accumulation): 1 process x 4 accumulation
-    steps computes the same micro-batches as 4 processes x 1.
+    (disjoint samples, same kind at the same step); the steps of all kinds are shuffled together. The list is
+    independent of the number of processes for a fixed micro_batches_per_step (= processes x accumulation):
+    1 process x 4 accumulation steps computes the same micro-batches as 4 processes x 1.
     """
     steps = []
-    per_step = micro_batch_size * micro_batches_per_step
     for kind in sorted(lengths_by_kind):
         lengths = lengths_by_kind[kind]
         rng = random.Random(f"{seed}-{epoch}-{kind}")
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        n_steps = math.ceil(len(order) / per_step)
-        order = [order[i % len(order)] for i in range(n_steps * per_step)]  # wrap around to fill the last step
-        window = per_step * 8
-        for start in range(0, len(order), window):
-            order[start:start + window] = sorted(order[start:start + window], key=lambda i: -lengths[i])
-        for step in range(n_steps):
-            chunk = order[step * per_step:(step + 1) * per_step]
-            micro_batches = [chunk[m * micro_batch_size:(m + 1) * micro_batch_size]
-                             for m in range(micro_batches_per_step)]
-            steps.append((kind, micro_batches))
+        steps += [(kind, mbs) for mbs in steps_of(range(len(lengths)), lengths, micro_batch_size,
+                                                  micro_batches_per_step, rng)]
     random.Random(f"{seed}-{epoch}-order").shuffle(steps)
     return steps
 
 
-def needs_reference(kind, train_args):
-    return ((kind == "forget" and train_args.forget_loss == "npo") or
-            (kind == "retain" and train_args.retain_loss in ("kl", "ntp_kl")))
+def chunk_examples(examples, train_args):
+    """AILS-NTUA's data chunking: (mixed examples, [(start, end) of each chunk in them]).
+
+    The shuffled forget rows are cut into disjoint chunks of --forget_chunk_size; each chunk's forget rows (weight
+    --forget_weight) are joined by --retain_per_forget retain rows per forget row (weight --retain_weight), taken
+    in turn from a shuffled cycle over the retain set, so every retain row is used before any repeats."""
+    rng = random.Random(f"{train_args.seed}-chunks")
+    forget = list(range(len(examples["forget"])))
+    retain = list(range(len(examples["retain"])))
+    rng.shuffle(forget)
+    rng.shuffle(retain)
+    mixed, bounds, next_retain = [], [], 0
+    size = train_args.forget_chunk_size or len(forget)
+    for start in range(0, len(forget), size):
+        begin = len(mixed)
+        for i in forget[start:start + size]:
+            mixed.append(dict(examples["forget"][i], weight=train_args.forget_weight, source="forget", index=i))
+        for _ in range(train_args.retain_per_forget * len(forget[start:start + size])):
+            i = retain[next_retain % len(retain)]
+            next_retain += 1
+            mixed.append(dict(examples["retain"][i], weight=train_args.retain_weight, source="retain", index=i))
+        bounds.append((begin, len(mixed)))
+    return mixed, bounds
+
+
+def chunked_schedule(lengths, bounds, micro_batch_size, micro_batches_per_step, epochs_per_chunk, seed, epoch):
+    """The steps of one pass of --schedule chunked: each chunk in turn, --epochs_per_chunk passes over it, as
+    ('mixed', [micro_batch, ...]); deterministic in (seed, epoch) like epoch_schedule."""
+    steps = []
+    for c, (begin, end) in enumerate(bounds):
+        for e in range(epochs_per_chunk):
+            rng = random.Random(f"{seed}-{epoch}-chunk{c}-{e}")
+            steps += [("mixed", mbs) for mbs in steps_of(range(begin, end), lengths, micro_batch_size,
+                                                          micro_batches_per_step, rng)]
+    return steps
+
+
+def needs_reference_model(train_args):
+    return any(needs_reference(kind, train_args.forget_loss, train_args.retain_loss) for kind in ("forget", "retain"))
 
 
 def micro_batch_for(micro_batches, accumulation_index, process_index, num_processes):
     """Which micro-batch of a step this process computes at this accumulation sub-step."""
     return micro_batches[accumulation_index * num_processes + process_index]
+
+
+# --- calibrated forgetting ----------------------------------------------------------------------------------------
+
+def document_of(record_id):
+    """The document a row belongs to: its id without the sc<digit>/qa<digit> tag (and any augmentation suffix)."""
+    from augment import source_id
+
+    return source_id(record_id)[:-3]
+
+
+def row_key(example_id, task):
+    """(task, sc|qa) of a row, augmented rows by their source row: the calibration level it is driven to."""
+    from augment import source_id
+    from records import record_kind
+
+    return task, record_kind(source_id(example_id))
+
+
+def load_calibration(path, forget_records):
+    """The calibration rows, checked against the forget set: non-empty, no shared document or prompt, and every
+    (task, kind) the forget set has present. Each problem is a one-line error naming the file."""
+    if not os.path.isfile(path):
+        raise InputError(f"--calibration_file {path}: not found")
+    rows = load_records(path)
+    forget_docs = {document_of(r.id) for r in forget_records}
+    forget_inputs = {r.input for r in forget_records}
+    for r in rows:
+        if document_of(r.id) in forget_docs or r.input in forget_inputs:
+            raise InputError(f"--calibration_file {path}: row {r.id} is (part of) a forget document; calibration "
+                             f"rows must be text the model never trained on, disjoint from the forget set")
+    missing = sorted({row_key(r.id, r.task) for r in forget_records} - {row_key(r.id, r.task) for r in rows})
+    if missing:
+        raise InputError(f"--calibration_file {path}: no rows for {', '.join(f'{t} {k}' for t, k in missing)}, "
+                         f"which the forget set has; add held-out rows of each task and kind")
+    return rows
+
+
+def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8):
+    """Mean answer NLL per (task, kind) of the calibration rows under the model as it is (before unlearning).
+    Every process computes all rows in the same order (identical levels; also in step under ZeRO-3)."""
+    encoded = [encode_example(tokenizer, r.input, r.output, data_args.max_length, data_args.loss_on) for r in rows]
+    values = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(encoded[start:start + batch_size],
+                                                            tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for r, nll in zip(rows[start:start + batch_size], per_sequence_nll(logits, batch["labels"]).tolist()):
+                values.setdefault(row_key(r.id, r.task), []).append(nll)
+    model.train(was_training)
+    return {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def calibrated_rows(row_nll, targets):
+    """Rows whose NLL is still below their target: the ones the forget term acts on this step."""
+    return row_nll.detach() < targets
+
+
+# --- evaluation during training -----------------------------------------------------------------------------------
+
+def load_dev_slice(data_args, train_args, calibration_rows):
+    """(forget rows, retain rows, member documents, nonmember documents, MMLU questions) for --eval_steps."""
+    from evaluate import load_mmlu
+
+    forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
+    limit = train_args.eval_rows or None
+    forget = load_records(forget_path)[:limit] if forget_path else []
+    retain = load_records(retain_path)[:limit] if retain_path else []
+    members = [(r.id, r.input + " " + r.output) for r in forget if r.kind == "sc"]
+    nonmembers = [(r.id, r.input + " " + r.output) for r in calibration_rows or [] if r.kind == "sc"]
+    mmlu = load_mmlu(train_args.eval_mmlu_dir, limit=train_args.eval_mmlu_limit) if train_args.eval_mmlu_dir else None
+    return forget, retain, members, nonmembers, mmlu
+
+
+def best_metric(scores, name):
+    """The number --metric_for_best_model maximises, from a dev evaluation's scores."""
+    parts = {"task_aggregate": scores["task_aggregate"], "mia_score": scores.get("mia_score")}
+    if name == "task_mia_mean":
+        return (parts["task_aggregate"] + parts["mia_score"]) / 2
+    if name == "final":
+        return (parts["task_aggregate"] + parts["mia_score"] + scores["mmlu"]) / 3
+    return parts[name]
+
+
+def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
+    """The official scores of the model on the dev slice, rows sharded over processes (evaluate.evaluate_model):
+    the same dict on every process."""
+    from evaluate import evaluate_model
+
+    forget, retain, members, nonmembers, mmlu = dev
+    results, _ = evaluate_model(accelerator.unwrap_model(model), tokenizer, forget, retain,
+                                members if nonmembers else None, nonmembers or None, mmlu,
+                                train_args.eval_max_new_tokens, train_args.eval_batch_size, accelerator)
+    scores = {"task_aggregate": results["harmonic-mean-task-aggregate"]}
+    if nonmembers:
+        scores.update(mia_auc=results["mia_loss_acc"], mia_score=results["mia_final_score"])
+    if mmlu:
+        scores["mmlu"] = results["mmlu_average"]
+    for split in ("forget", "retain"):
+        for key, name in (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge")):
+            value = (results.get(f"{split}-set") or {}).get(f"overall-{key}")
+            if value is not None:
+                scores[f"{split}_{name}"] = value
+    scores["metric"] = best_metric(scores, train_args.metric_for_best_model)
+    return scores
+
+
+def trainable_state(model):
+    """A CPU copy of the trainable weights (the LoRA adapter, or every weight when fully fine-tuning)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name].to(p.device, p.dtype))
+
+
+# --- one optimizer step -------------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    """What one optimizer step did on this process: mean loss and NLL over its micro-batches, non-pad tokens,
+    the clipped-gradient norm (None without clipping or when skipped), whether the step was dropped, and the forget
+    rows already at their calibration target (at_target of rows)."""
+    loss: float = 0.0
+    nll: float = 0.0
+    tokens: int = 0
+    grad_norm: float | None = None
+    skipped: bool = False
+    at_target: int = 0
+    rows: int = 0
+
+
+@contextlib.contextmanager
+def learning_rate_zero(optimizer, active):
+    """DeepSpeed steps the optimizer inside backward: at learning rate 0 that step leaves every weight as it was
+    (AdamW's update and its decay both scale with the rate)."""
+    saved = [group["lr"] for group in optimizer.param_groups] if active else None
+    if active:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+    try:
+        yield
+    finally:
+        if saved is not None:
+            for group, lr in zip(optimizer.param_groups, saved):
+                group["lr"] = lr
+
+
+def sum_over_processes(accelerator, values):
+    """{name: value} summed over processes, in one collective; the same dict on every process."""
+    names = list(values)
+    totals = accelerator.reduce(torch.tensor([float(values[name]) for name in names], dtype=torch.float64,
+                                             device=accelerator.device), "sum")
+    return dict(zip(names, totals.tolist()))
+
+
+def any_process(accelerator, flag):
+    """True on every process if ``flag`` is true on any: decisions that all processes must take together."""
+    return sum_over_processes(accelerator, {"flag": flag})["flag"] > 0
+
+
+def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss_fn, max_grad_norm):
+    """Accumulate this process's micro-batches and take one optimizer step; returns StepStats.
+
+    ``loss_fn(batch) -> (loss, nll, at_target, rows)``. A non-finite loss on any process replaces that micro-batch's
+    loss by an exact zero (so DDP/DeepSpeed hooks stay in step) and drops the whole step on every process; so does a
+    non-finite gradient norm. The step is counted as skipped and the weights stay as they were."""
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    stats, bad = StepStats(), False
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            loss, nll, at_target, rows = loss_fn(batch)
+            if any_process(accelerator, not is_finite(loss)):
+                bad, loss = True, zero_loss(model)
+            with learning_rate_zero(optimizer, deepspeed and bad and accelerator.sync_gradients):
+                accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm > 0 else None
+                # DeepSpeed returns the norm as a float, DDP as a tensor
+                bad = bad or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+                if not bad:
+                    optimizer.step()
+                    stats.grad_norm = None if grad_norm is None else float(grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+        stats.loss += loss.detach().float().item() / len(micro_batches)
+        stats.nll += nll.detach().float().item() / len(micro_batches)
+        stats.tokens += int(batch["attention_mask"].sum())
+        stats.at_target += at_target
+        stats.rows += rows
+    stats.skipped = bad
+    return stats
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -312,28 +633,136 @@ def flat_config(*argument_objects):
     return {k: v for args in argument_objects for k, v in dataclasses.asdict(args).items()}
 
 
+@dataclass
+class RunState:
+    """What a checkpoint holds besides weights, optimizer and RNG: counters, the schedule's shape (checked on
+    resume), and the best evaluated step so far (its weights are in the checkpoint's BEST_WEIGHTS)."""
+    step: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+    micro_batches_per_step: int = 1
+    steps_per_epoch: int = 1
+    run_name: str = ""
+    best_step: int | None = None
+    best_scores: dict | None = None
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1 (preemption_signals); ``start``: when this invocation began (--max_train_minutes)."""
+    received: bool = False
+    start: float = field(default_factory=time.time)
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by setup_run."""
+    accelerator: object
+    model: object
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    trainable: list
+    examples: dict
+    schedule: object  # epoch -> [(kind, [micro_batch, ...]), ...]
+    steps_per_epoch: int
+    total_steps: int
+    state: RunState
+    load_seconds: float
+    counts: dict
+    calibration: dict | None = None  # {"task kind": target NLL}
+    dev: tuple | None = None
+    best_weights: dict | None = None
+    batch_log: object = None
+
+
 def train(model_args, data_args, train_args):
     """Run one unlearning job; returns its summary (also written to train_config.yaml)."""
-    with preemption_signals() as stop_signal:
-        return run_training(model_args, data_args, train_args, stop_signal)
+    with preemption_signals() as stop_request:
+        return run_training(model_args, data_args, train_args, stop_request)
 
 
-def run_training(model_args, data_args, train_args, stop_signal):
-    from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
+def run_training(model_args, data_args, train_args, stop_request):
+    """lr -> step -> log -> evaluate/keep best -> checkpoint -> stop, then publish the best (or last) model."""
     from tqdm.auto import tqdm
+
+    run = setup_run(model_args, data_args, train_args)
+    accelerator, state, world = run.accelerator, run.state, run.accelerator.num_processes
+    first_step, loop_start, start_time, last_save = state.step, time.time(), time.time(), time.time()
+    save_reserve = 2 * run.load_seconds + 10  # the final save reloads the base to merge (~ a load) and writes it
+    progress = tqdm(total=run.total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="unlearning")
+    stopped_early = preempted = False
+    tokens_total = 0.0
+    for epoch, kind, micro_batches in remaining_steps(run, train_args):
+        step_start = time.time()
+        batches = [make_batch(run, kind, micro_batch_for(micro_batches, a, accelerator.process_index, world),
+                              state.step, a) for a in range(train_args.gradient_accumulation_steps)]
+        stats = optimizer_step(accelerator, run.model, run.optimizer, run.trainable, batches,
+                               make_loss_fn(run, kind, train_args), train_args.max_grad_norm)
+        run.scheduler.step()
+        state.step += 1
+        state.skipped_steps += stats.skipped
+        progress.update(1)
+        # metrics averaged over processes, counts summed; a stop request on any process stops all of them
+        out_of_time = (train_args.max_train_minutes > 0 and time.time() - stop_request.start + save_reserve
+                       + (time.time() - loop_start) / (state.step - first_step) > train_args.max_train_minutes * 60)
+        totals = sum_over_processes(accelerator, {"loss": stats.loss, "nll": stats.nll, "tokens": stats.tokens,
+                                                  "at_target": stats.at_target, "rows": stats.rows,
+                                                  "out_of_time": out_of_time, "stop": stop_request.received})
+        tokens_total += totals["tokens"]
+        stopped_early = totals["out_of_time"] > 0 and state.step < run.total_steps
+        preempted = totals["stop"] > 0 and state.step < run.total_steps
+        loss, nll = totals["loss"] / world, totals["nll"] / world
+        progress.set_postfix(kind=kind, loss=f"{loss:.4g}", nll=f"{nll:.3f}")
+        logs = {f"loss/{kind}": loss, f"nll/{kind}": nll, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0],
+                "skipped_steps": state.skipped_steps, "tokens_per_s": totals["tokens"] / (time.time() - step_start)}
+        if stats.grad_norm is not None:
+            logs["grad_norm"] = stats.grad_norm
+        if totals["rows"]:
+            logs["calibration/forget_rows_at_target"] = totals["at_target"] / totals["rows"]
+        if train_args.eval_steps and not (stopped_early or preempted) and (
+                state.step % train_args.eval_steps == 0 or state.step == run.total_steps):
+            logs.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, train_args).items()})
+        if train_args.report_to != "none":
+            accelerator.log(logs, step=state.step)
+        periodic = ((train_args.save_steps and state.step % train_args.save_steps == 0) or
+                    (train_args.save_minutes and time.time() - last_save >= train_args.save_minutes * 60))
+        if (periodic or preempted) and state.step < run.total_steps:
+            state.train_seconds += time.time() - start_time
+            start_time = last_save = time.time()
+            save_checkpoint(accelerator, train_args.output_dir, state, train_args.save_total_limit, run.best_weights)
+        if stopped_early or preempted:
+            break
+    progress.close()
+    state.train_seconds += time.time() - start_time
+    return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step,
+                      tokens_total / max(time.time() - loop_start, 1e-9))
+
+
+def setup_run(model_args, data_args, train_args):
+    """Check every input, load the model, build examples, schedule, optimizer; resume if asked. Nothing is written
+    before every input has been read and checked."""
+    from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     check_arguments(model_args, data_args, train_args)
     forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
     check_output_dir(train_args.output_dir, [model_args.model_name_or_path, data_args.data_dir, forget_path,
-                                             retain_path], train_args.overwrite_output_dir, DONE_MARKER)
+                                             retain_path, train_args.calibration_file], train_args.overwrite_output_dir,
+                     DONE_MARKER)
     checkpoint = find_checkpoint(train_args.output_dir, train_args.resume_from_checkpoint)
     if checkpoint is None and list_checkpoints(train_args.output_dir) and not train_args.overwrite_output_dir:
         raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
-    # all input is read and checked before anything is created on disk
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     examples = build_examples(tokenizer, data_args, train_args)
+    calibration_rows = None
+    if train_args.calibration_file:
+        if not forget_path:
+            raise InputError("--calibration_file: calibrates the forget set, but no forget set was given")
+        calibration_rows = load_calibration(train_args.calibration_file, load_records(forget_path))
+    dev = load_dev_slice(data_args, train_args, calibration_rows) if train_args.eval_steps else None
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
 
@@ -342,6 +771,15 @@ def run_training(model_args, data_args, train_args, stop_signal):
     model = load_model(model_args.model_name_or_path, model_args.torch_dtype, model_args.load_in_8bit,
                        model_args.load_in_4bit, device_map={"": accelerator.device} if quantized else None)
     model.config.use_cache = False
+    calibration = None
+    if calibration_rows is not None and "forget" in examples:
+        if not quantized:  # quantized weights were loaded onto the device already
+            model.to(accelerator.device)
+        levels = calibration_levels(model, tokenizer, calibration_rows, data_args, accelerator.device)
+        for example in examples["forget"]:
+            example["target"] = train_args.calibration_margin * levels[row_key(example["id"], example["task"])]
+        calibration = {f"{task} {kind}": round(train_args.calibration_margin * level, 4)
+                       for (task, kind), level in sorted(levels.items())}
     if model_args.lora_r > 0:
         model = add_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                          model_args.gradient_checkpointing, quantized)
@@ -351,11 +789,19 @@ def run_training(model_args, data_args, train_args, stop_signal):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_adamw(trainable, train_args.learning_rate, train_args.weight_decay)
 
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, train_args.gradient_accumulation_steps
-    micro_per_step = world * accum
-    lengths = {kind: [len(e["input_ids"]) for e in rows] for kind, rows in examples.items()}
-    steps_per_epoch = len(epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step,
-                                         train_args.seed, 0))
+    counts = {kind: len(rows) for kind, rows in examples.items()}
+    micro_per_step = accelerator.num_processes * train_args.gradient_accumulation_steps
+    size = train_args.per_device_train_batch_size
+    if train_args.schedule == "chunked":
+        mixed, bounds = chunk_examples(examples, train_args)
+        examples = {"mixed": mixed}
+        lengths = [len(e["input_ids"]) for e in mixed]
+        schedule = lambda epoch: chunked_schedule(lengths, bounds, size, micro_per_step,  # noqa: E731
+                                                  train_args.epochs_per_chunk, train_args.seed, epoch)
+    else:
+        lengths = {kind: [len(e["input_ids"]) for e in rows] for kind, rows in examples.items()}
+        schedule = lambda epoch: epoch_schedule(lengths, size, micro_per_step, train_args.seed, epoch)  # noqa: E731
+    steps_per_epoch = len(schedule(0))
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps > 0:
         total_steps = min(total_steps, train_args.max_steps)
@@ -365,145 +811,142 @@ def run_training(model_args, data_args, train_args, stop_signal):
     accelerator.register_for_checkpointing(scheduler)
     keep_trainable_only_in_checkpoints(accelerator)
     model.train()
-    run_state = {"step": 0, "skipped_steps": 0, "train_seconds": 0.0, "micro_batches_per_step": micro_per_step,
-                 "steps_per_epoch": steps_per_epoch, "run_name": train_args.run_name or time.strftime("%Y%m%d-%H%M%S")}
+    state = RunState(micro_batches_per_step=micro_per_step, steps_per_epoch=steps_per_epoch,
+                     run_name=train_args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run = Run(accelerator, model, tokenizer, optimizer, scheduler, trainable, examples, schedule, steps_per_epoch,
+              total_steps, state, load_seconds, counts, calibration, dev)
     if checkpoint is not None:
-        run_state = load_checkpoint(accelerator, checkpoint, run_state)
-    run_name = run_state["run_name"]
+        run.state, run.best_weights = load_checkpoint(accelerator, checkpoint, state)
     if accelerator.is_main_process and train_args.report_to != "none":
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in flat_config(model_args, data_args, train_args).items()}
-        accelerator.init_trackers(run_name, config=hparams)
-    counts = {kind: len(rows) for kind, rows in examples.items()}
+        accelerator.init_trackers(run.state.run_name, config=hparams)
+    if train_args.batch_log:
+        os.makedirs(os.path.join(train_args.output_dir, "batch_log"), exist_ok=True)
+        run.batch_log = open(os.path.join(train_args.output_dir, "batch_log",
+                                          f"rank{accelerator.process_index}.jsonl"), "a", encoding="utf-8")
     accelerator.print(f"examples per kind: {counts}; {steps_per_epoch} steps/epoch x {train_args.num_train_epochs} "
                       f"epochs = {steps_per_epoch * train_args.num_train_epochs} optimizer steps"
                       f"{f' (--max_steps: stopping after {total_steps})' if train_args.max_steps > 0 else ''}; "
-                      f"{world} process(es), "
-                      f"{train_args.per_device_train_batch_size} x {accum} examples per process per step")
+                      f"{accelerator.num_processes} process(es), "
+                      f"{size} x {train_args.gradient_accumulation_steps} examples per process per step")
+    if calibration:
+        accelerator.print(f"calibrated forgetting: target answer NLL per task and kind {calibration}")
+    return run
 
-    device = accelerator.device
-    batch_log = None
-    if train_args.batch_log:
-        os.makedirs(os.path.join(train_args.output_dir, "batch_log"), exist_ok=True)
-        batch_log = open(os.path.join(train_args.output_dir, "batch_log", f"rank{rank}.jsonl"), "a", encoding="utf-8")
-    step, skipped_steps = run_state["step"], run_state["skipped_steps"]
-    first_step = step
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="unlearning")
-    start_time = last_save = time.time()
-    # the final save reloads the base to merge (about one model load) and writes it (about another)
-    save_reserve = 2 * load_seconds + 10
-    stopped_early = preempted = False
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    tokens_total, loop_start = 0.0, time.time()  # all processes, this invocation (checkpoint time included)
-    for epoch in range(step // steps_per_epoch, train_args.num_train_epochs):
-        schedule = epoch_schedule(lengths, train_args.per_device_train_batch_size, micro_per_step, train_args.seed,
-                                  epoch)
-        for index, (kind, micro_batches) in enumerate(schedule):
-            if epoch * steps_per_epoch + index < step:
+
+def remaining_steps(run, train_args):
+    """(epoch, kind, micro_batches) of every step after run.state.step: a resumed run continues where it stopped."""
+    for epoch in range(run.state.step // run.steps_per_epoch, train_args.num_train_epochs):
+        for index, (kind, micro_batches) in enumerate(run.schedule(epoch)):
+            if epoch * run.steps_per_epoch + index < run.state.step:
                 continue  # done before the checkpoint this run resumed from
-            if step >= total_steps or stopped_early or preempted:
-                break
-            step_start, step_loss, step_nll, step_tokens, window_bad = time.time(), 0.0, 0.0, 0, False
-            for a in range(accum):
-                indices = micro_batch_for(micro_batches, a, rank, world)
-                batch = pad_batch([examples[kind][i] for i in indices], tokenizer.pad_token_id)
-                if batch_log is not None:
-                    batch_log.write(json.dumps({"step": step, "accumulation": a, "kind": kind,
-                                                "ids": [examples[kind][i]["id"] for i in indices]}) + "\n")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                reference_logits = None
-                if needs_reference(kind, train_args):
-                    # the frozen base = the same model with its adapter off: no second copy in memory
-                    with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
-                        reference_logits = model(input_ids=batch["input_ids"],
-                                                 attention_mask=batch["attention_mask"]).logits
-                with accelerator.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss, nll = batch_loss(kind, logits, batch["labels"], train_args.forget_loss,
-                                           train_args.retain_loss, train_args.alpha, train_args.nll_floor,
-                                           reference_logits, train_args.npo_beta)
-                    # a non-finite loss on any process drops the whole step on every process
-                    bad = accelerator.reduce(torch.tensor(0.0 if is_finite(loss) else 1.0, device=device), "sum")
-                    if bad.item() > 0:
-                        window_bad = True
-                        loss = zero_loss(model)
-                    saved_lrs = None
-                    if deepspeed and window_bad and accelerator.sync_gradients:
-                        # DeepSpeed steps the optimizer inside backward: at learning rate 0 that step leaves every
-                        # weight as it was (AdamW's update and its decay both scale with the rate)
-                        saved_lrs = [group["lr"] for group in optimizer.param_groups]
-                        for group in optimizer.param_groups:
-                            group["lr"] = 0.0
-                    accelerator.backward(loss)
-                    if saved_lrs is not None:
-                        for group, lr in zip(optimizer.param_groups, saved_lrs):
-                            group["lr"] = lr
-                    if accelerator.sync_gradients:
-                        grad_norm = None
-                        if train_args.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(trainable, train_args.max_grad_norm)
-                        # DeepSpeed returns the norm as a float, DDP as a tensor
-                        if window_bad or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-                            skipped_steps += 1
-                            window_bad = True
-                        else:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach().float().item() / accum
-                step_nll += nll.detach().float().item() / accum
-                step_tokens += int(batch["attention_mask"].sum())
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            # metrics averaged over processes, tokens summed; stop requests from any process stop all of them
-            elapsed = time.time() - start_time
-            out_of_time = (train_args.max_train_minutes > 0 and time.time() - stop_signal["start"]
-                           + elapsed / (step - first_step) + save_reserve > train_args.max_train_minutes * 60)
-            stats = accelerator.reduce(torch.tensor([step_loss, step_nll, float(step_tokens), float(out_of_time),
-                                                     float(stop_signal["received"])], device=device), "sum")
-            loss_value, nll_value, tokens = stats[0].item() / world, stats[1].item() / world, stats[2].item()
-            tokens_total += tokens
-            stopped_early = stats[3].item() > 0 and step < total_steps
-            preempted = stats[4].item() > 0 and step < total_steps
-            progress.set_postfix(kind=kind, loss=f"{loss_value:.4g}", nll=f"{nll_value:.3f}")
-            if train_args.report_to != "none":
-                logs = {f"loss/{kind}": loss_value, f"nll/{kind}": nll_value, "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens / max(time.time() - step_start, 1e-9), "epoch": epoch,
-                        "skipped_steps": skipped_steps}
-                if grad_norm is not None and not window_bad:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=step)
-            periodic = ((train_args.save_steps and step % train_args.save_steps == 0) or
-                        (train_args.save_minutes and time.time() - last_save >= train_args.save_minutes * 60))
-            if (periodic or preempted) and step < total_steps:
-                run_state.update(step=step, skipped_steps=skipped_steps,
-                                 train_seconds=run_state["train_seconds"] + time.time() - start_time)
-                start_time = last_save = time.time()
-                save_checkpoint(accelerator, train_args.output_dir, run_state, train_args.save_total_limit)
-    progress.close()
-    if batch_log is not None:
-        batch_log.close()
-    train_seconds = run_state["train_seconds"] + time.time() - start_time
-    if skipped_steps:
-        accelerator.print(f"warning: {skipped_steps} step(s) skipped on a non-finite loss or gradient")
-    summary = {"optimizer_steps": step, "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-               "skipped_steps": skipped_steps,
-               "train_seconds": round(train_seconds, 1), "examples_per_kind": counts, "num_processes": world,
-               "stopped_early": stopped_early, "preempted": preempted, "resumed_from_step": first_step or None,
-               "tokens_per_second": round(tokens_total / max(time.time() - loop_start, 1e-9), 1)}
-    if device.type == "cuda":
+            if run.state.step >= run.total_steps:
+                return
+            yield epoch, kind, micro_batches
+
+
+def make_batch(run, kind, indices, step, accumulation_index):
+    """The padded micro-batch on this process's device, with per-row weights (mixed) and calibration targets."""
+    rows = [run.examples[kind][i] for i in indices]
+    if run.batch_log is not None:
+        run.batch_log.write(json.dumps({"step": step, "accumulation": accumulation_index, "kind": kind,
+                                        "ids": [r["id"] for r in rows]}) + "\n")
+    batch = pad_batch(rows, run.tokenizer.pad_token_id)
+    if kind == "mixed":
+        batch["weights"] = torch.tensor([r["weight"] for r in rows])
+        batch["is_forget"] = torch.tensor([r["source"] == "forget" for r in rows])
+    if run.calibration is not None and kind in ("forget", "mixed"):
+        batch["targets"] = torch.tensor([r.get("target", math.inf) for r in rows])
+    return {k: v.to(run.accelerator.device) for k, v in batch.items()}
+
+
+def make_loss_fn(run, kind, train_args):
+    """batch -> (loss, nll, forget rows at target, forget rows) for optimizer_step. With calibration the forget term
+    acts only on rows still below their target NLL (forget batches: the loss of those rows; mixed batches: forget
+    rows at target get weight 0); a forget batch with every row at target contributes an exact zero."""
+    model = run.model
+    use_reference = needs_reference(kind, train_args.forget_loss, train_args.retain_loss)
+
+    def loss_fn(batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        reference_logits = None
+        if use_reference:
+            # the frozen base = the same model with its adapter off: no second copy in memory
+            with torch.no_grad(), run.accelerator.unwrap_model(model).disable_adapter():
+                reference_logits = model(**inputs).logits
+        logits, labels, weights = model(**inputs).logits, batch["labels"], batch.get("weights")
+        at_target = rows = 0
+        if "targets" in batch:
+            active = calibrated_rows(per_sequence_nll(logits.detach(), labels), batch["targets"])
+            forget_rows = batch["is_forget"] if kind == "mixed" else torch.ones_like(active)
+            rows, at_target = int(forget_rows.sum()), int((forget_rows & ~active).sum())
+            if kind == "mixed":
+                weights = torch.where(forget_rows & ~active, torch.zeros_like(weights), weights)
+            elif not active.any():
+                return zero_loss(model), answer_nll(logits, labels), at_target, rows
+            else:
+                full_nll = answer_nll(logits, labels)
+                logits, labels = logits[active], labels[active]
+                reference_logits = None if reference_logits is None else reference_logits[active]
+                loss, _ = batch_loss(kind, logits, labels, train_args.forget_loss, train_args.retain_loss,
+                                     train_args.alpha, train_args.nll_floor, reference_logits, train_args.npo_beta)
+                return loss, full_nll, at_target, rows
+        loss, nll = batch_loss(kind, logits, labels, train_args.forget_loss, train_args.retain_loss, train_args.alpha,
+                               train_args.nll_floor, reference_logits, train_args.npo_beta, weights)
+        return loss, nll, at_target, rows
+
+    return loss_fn
+
+
+def evaluate_and_keep_best(run, train_args):
+    """Score the dev slice; if this step beats the best so far, keep a copy of its trainable weights."""
+    scores = evaluate_dev(run.accelerator, run.model, run.tokenizer, run.dev, train_args)
+    state = run.state
+    if state.best_scores is None or scores["metric"] > state.best_scores["metric"]:
+        state.best_step, state.best_scores = state.step, scores
+        run.best_weights = trainable_state(run.accelerator.unwrap_model(run.model))
+    run.accelerator.print(f"step {state.step}: dev {train_args.metric_for_best_model} {scores['metric']:.4f} "
+                          f"(best: step {state.best_step}, {state.best_scores['metric']:.4f})")
+    return scores
+
+
+def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, tokens_per_second):
+    """The summary; unless preempted, the best evaluated step's weights (or the last) saved as the run's output."""
+    accelerator, state = run.accelerator, run.state
+    if run.batch_log is not None:
+        run.batch_log.close()
+    if state.skipped_steps:
+        accelerator.print(f"warning: {state.skipped_steps} step(s) skipped on a non-finite loss or gradient")
+    summary = {"optimizer_steps": state.step, "planned_steps": run.total_steps,
+               "steps_per_epoch": run.steps_per_epoch, "skipped_steps": state.skipped_steps,
+               "train_seconds": round(state.train_seconds, 1), "examples_per_kind": run.counts,
+               "num_processes": accelerator.num_processes, "stopped_early": stopped_early, "preempted": preempted,
+               "resumed_from_step": first_step or None, "tokens_per_second": round(tokens_per_second, 1)}
+    if run.calibration is not None:
+        summary["calibration_target_nll"] = run.calibration
+    if accelerator.device.type == "cuda":
         # what --per_device_train_batch_size and --max_length cost: compare with plan_memory.py
-        peak = accelerator.gather(torch.tensor([float(torch.cuda.max_memory_allocated(device))], device=device))
+        peak = accelerator.gather(torch.tensor([float(torch.cuda.max_memory_allocated(accelerator.device))],
+                                               device=accelerator.device))
         summary["peak_gpu_memory_gib"] = round(peak.max().item() / 2 ** 30, 2)
         accelerator.print(f"peak GPU memory: {summary['peak_gpu_memory_gib']} GiB allocated (the busiest process)")
     if preempted:
-        accelerator.print(f"preempted: checkpoint saved at step {step}; rerun with --resume_from_checkpoint latest "
-                          f"(exit code {PREEMPTED_EXIT_CODE})")
+        accelerator.print(f"preempted: checkpoint saved at step {state.step}; rerun with --resume_from_checkpoint "
+                          f"latest (exit code {PREEMPTED_EXIT_CODE})")
         accelerator.end_training()
         return summary
     if stopped_early:
-        accelerator.print(f"time budget: stopped early after step {step} of {total_steps} to save in time")
-    save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary)
+        accelerator.print(f"time budget: stopped early after step {state.step} of {run.total_steps} to save in time")
+    if state.best_step is not None:
+        summary.update(best_step=state.best_step, best_scores=state.best_scores,
+                       metric_for_best_model=train_args.metric_for_best_model)
+        if state.best_step != state.step:
+            load_trainable_state(accelerator.unwrap_model(run.model), run.best_weights)
+        accelerator.print(f"publishing step {state.best_step} (best dev {train_args.metric_for_best_model} "
+                          f"{state.best_scores['metric']:.4f}): " + ", ".join(
+                              f"{k} {v:.3f}" for k, v in state.best_scores.items() if k != "metric"))
+    save_outputs(accelerator, run.model, run.tokenizer, model_args, data_args, train_args, summary)
     accelerator.end_training()
     return summary
 
@@ -514,14 +957,14 @@ def run_training(model_args, data_args, train_args, stop_signal):
 def preemption_signals():
     """While training, SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) ask the loop to checkpoint and
     exit; the previous handlers come back afterwards (train() may be called from a larger program)."""
-    state = {"received": False, "start": time.time()}
+    request = StopRequest()
 
     def request_stop(signum, frame):
-        state["received"] = True
+        request.received = True
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        yield state
+        yield request
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -563,19 +1006,24 @@ def keep_trainable_only_in_checkpoints(accelerator):
     accelerator.register_save_state_pre_hook(drop_frozen)
 
 
-def save_checkpoint(accelerator, output_dir, run_state, save_total_limit):
-    """accelerator.save_state into checkpoints/.tmp-step-N, then rename: a kill mid-save keeps the last one."""
+def save_checkpoint(accelerator, output_dir, state, save_total_limit, best_weights=None):
+    """accelerator.save_state into checkpoints/.tmp-step-N, then rename: a kill mid-save keeps the last one. The
+    best evaluated step's weights (if any) and the RunState go in too, the state last."""
+    from safetensors.torch import save_file
+
     root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(root, f"step-{run_state['step']}")
-    tmp = os.path.join(root, f".tmp-step-{run_state['step']}")
+    final = os.path.join(root, f"step-{state.step}")
+    tmp = os.path.join(root, f".tmp-step-{state.step}")
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if best_weights is not None:
+            save_file({k: v.contiguous() for k, v in best_weights.items()}, os.path.join(tmp, BEST_WEIGHTS))
         with open(os.path.join(tmp, CHECKPOINT_STATE), "w", encoding="utf-8") as f:
-            json.dump(run_state, f, indent=2)
+            json.dump(dataclasses.asdict(state), f, indent=2)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -584,16 +1032,21 @@ def save_checkpoint(accelerator, output_dir, run_state, save_total_limit):
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, checkpoint, run_state):
+def load_checkpoint(accelerator, checkpoint, state):
+    """(RunState, best weights or None) from a checkpoint, after checking it was written with the same schedule."""
+    from safetensors.torch import load_file
+
     with open(os.path.join(checkpoint, CHECKPOINT_STATE), encoding="utf-8") as f:
-        saved = json.load(f)
+        saved = RunState(**json.load(f))
     for key in ("micro_batches_per_step", "steps_per_epoch"):
-        if saved[key] != run_state[key]:
-            raise InputError(f"--resume_from_checkpoint {checkpoint}: written with {key}={saved[key]}, now "
-                             f"{run_state[key]}; resume with the same data, batch size, processes x accumulation")
+        if getattr(saved, key) != getattr(state, key):
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: written with {key}={getattr(saved, key)}, now "
+                             f"{getattr(state, key)}; resume with the same data, batch size, processes x "
+                             f"accumulation")
     accelerator.load_state(checkpoint, strict=False)  # strict=False: checkpoints hold trainable weights only
-    accelerator.print(f"resumed from {checkpoint} at step {saved['step']}")
-    return saved
+    accelerator.print(f"resumed from {checkpoint} at step {saved.step}")
+    best = os.path.join(checkpoint, BEST_WEIGHTS)
+    return saved, (load_file(best) if os.path.isfile(best) else None)
 
 
 def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary):

@@ -387,15 +387,16 @@ def make_document(task, fake, rng, used_names, long_output):
 
 
 def generate(seed=DEFAULT_SEED, docs_per_task=DEFAULT_DOCS_PER_TASK):
-    """All demo rows: {'forget': [...], 'retain': [...], 'member': [...], 'nonmember': [...]}."""
+    """All demo rows: {'forget': [...], 'retain': [...], 'member': [...], 'nonmember': [...], 'calibration': [...]}.
+    Calibration documents come last, so adding them left the other files as they were."""
     from faker import Faker
 
     fake = Faker("en_US")
     fake.seed_instance(seed)
     rng = random.Random(seed)
     used_names, used_ids = set(), set()
-    out = {"forget": [], "retain": [], "member": [], "nonmember": []}
-    for split in ("forget", "retain", "nonmember"):
+    out = {"forget": [], "retain": [], "member": [], "nonmember": [], "calibration": []}
+    for split in ("forget", "retain", "nonmember", "calibration"):
         # Tasks interleaved document by document, so every prefix of a file mixes all three.
         for i in range(docs_per_task):
             for task in ("Task1", "Task2", "Task3"):
@@ -427,6 +428,7 @@ It is **generated**; do not edit by hand. Regenerate with
 | retain.jsonl | {retain_counts} |
 | mia/member.jsonl | {n_member} full documents of the forget set |
 | mia/nonmember.jsonl | {n_nonmember} held-out documents made the same way, never in forget or retain |
+| calibration.jsonl | {calibration_counts}: rows of other held-out documents (train.py --calibration_file) |
 
 - Fields `id, input, output, task, split`; ids are `<doc_id>sc1` (sentence completion: input = start of the
   document, output = the rest, cut inside a sentence) and `<doc_id>qa0`.. (question answering, short answers).
@@ -465,12 +467,14 @@ def write_demo_data(output_dir, seed=DEFAULT_SEED, docs_per_task=DEFAULT_DOCS_PE
         "retain": os.path.join(output_dir, "retain.jsonl"),
         "member": os.path.join(output_dir, "mia", "member.jsonl"),
         "nonmember": os.path.join(output_dir, "mia", "nonmember.jsonl"),
+        "calibration": os.path.join(output_dir, "calibration.jsonl"),
     }
     for key, path in paths.items():
         write_jsonl(path, data[key])
     readme = README.format(seed=seed, docs_per_task=docs_per_task, faker_version=faker.VERSION,
                            forget_counts=count_rows(data["forget"]), retain_counts=count_rows(data["retain"]),
                            n_member=len(data["member"]), n_nonmember=len(data["nonmember"]),
+                           calibration_counts=count_rows(data["calibration"]),
                            max_words=MAX_LONG_OUTPUT_WORDS)
     readme_path = os.path.join(output_dir, "README.md")
     with open(readme_path, "w", encoding="utf-8", newline="\n") as f:
@@ -486,7 +490,7 @@ def main(argv=None):
     # Read everything back the way the other scripts will, so a bad row fails here and not mid-run.
     from records import load_documents, load_records
 
-    for path in paths[:2]:
+    for path in paths[:2] + [paths[4]]:
         print(f"{path}: {len(load_records(path))} rows")
     for path in paths[2:4]:
         print(f"{path}: {len(load_documents(path))} documents")

@@ -111,3 +111,28 @@ def make_unlearning_data(directory, n_docs=8, seed=0):
                          "task": task, "split": split})
         write_jsonl(os.path.join(directory, f"{split}.jsonl"), rows)
     return str(directory)
+
+
+def snapshot(*roots):
+    """{path: 'dir' or sha256 of the bytes} for every entry under the roots: a listing plus contents."""
+    import hashlib
+
+    entries = {}
+    for root in roots:
+        for directory, dirnames, filenames in os.walk(root):
+            entries[directory] = "dir"
+            for name in filenames:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    entries[path] = hashlib.sha256(f.read()).hexdigest()
+    return entries
+
+
+def check_one_line_error(code, stderr, fragments):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

@@ -6,7 +6,6 @@ Most cases run in-process through ``cli.run_main`` (the same wrapper as ``python
 subprocesses to show the real exit path.
 """
 
-import hashlib
 import os
 import shutil
 import signal
@@ -17,7 +16,8 @@ import pytest
 
 import cli
 import train
-from conftest import ROOT, build_tiny_model, build_tiny_tokenizer, make_unlearning_data, reset_accelerate, write_jsonl
+from conftest import (ROOT, build_tiny_model, build_tiny_tokenizer, check_one_line_error, make_unlearning_data,
+                      reset_accelerate, snapshot, write_jsonl)
 
 GOOD_ROW = {"id": "doc1sc1", "input": "Who was born in Paris?", "output": "Marie was.", "task": "Task1"}
 
@@ -67,6 +67,37 @@ def case(function):
 
 
 # --- data files ---------------------------------------------------------------------------------------------------
+
+HELD_OUT = [{"id": "held0sc1", "input": "A held-out story begins", "output": "and ends.", "task": "Task1"},
+            {"id": "held0qa0", "input": "Who was held out?", "output": "Nobody.", "task": "Task1"},
+            {"id": "held1sc1", "input": "Another one begins", "output": "and ends too.", "task": "Task2"},
+            {"id": "held1qa0", "input": "Who else?", "output": "Somebody.", "task": "Task2"}]
+
+
+@case
+def calibration_overlaps_forget(env):
+    forget_row = next(r for r in map(__import__("json").loads, open(env.forget)) if r["id"].endswith("sc1"))
+    path = env.jsonl("calibration.jsonl", HELD_OUT + [forget_row])
+    return env.argv("--calibration_file", path), [path, f"row {forget_row['id']} is (part of) a forget document"]
+
+
+@case
+def calibration_empty(env):
+    path = env.write("calibration.jsonl", "")
+    return env.argv("--calibration_file", path), [path, "no records (the file is empty)"]
+
+
+@case
+def calibration_lacks_a_task(env):
+    path = env.jsonl("calibration.jsonl", HELD_OUT[:2])  # Task1 only; the forget set has Task1 and Task2
+    return env.argv("--calibration_file", path), [path, "no rows for Task2 qa, Task2 sc", "which the forget set has"]
+
+
+@case
+def best_model_metric_needs_the_mia(env):
+    return env.argv("--eval_steps", "2"), ["--metric_for_best_model task_mia_mean needs the MIA",
+                                           "--calibration_file"]
+
 
 @case
 def missing_file(env):
@@ -325,19 +356,6 @@ def unknown_torch_dtype(env):  # checked at the model load, after the accelerato
 
 # --- the checks ---------------------------------------------------------------------------------------------------
 
-def snapshot(*roots):
-    """{path: 'dir' or sha256 of the bytes} for every entry under the roots: a listing plus contents."""
-    entries = {}
-    for root in roots:
-        for directory, dirnames, filenames in os.walk(root):
-            entries[directory] = "dir"
-            for name in filenames:
-                path = os.path.join(directory, name)
-                with open(path, "rb") as f:
-                    entries[path] = hashlib.sha256(f.read()).hexdigest()
-    return entries
-
-
 def run_in_process(argv, capsys):
     """``python train.py ARGV`` in this process: (exit code, stderr)."""
     reset_accelerate()
@@ -350,16 +368,6 @@ def run_in_process(argv, capsys):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return excinfo.value.code, capsys.readouterr().err
-
-
-def check_one_line_error(code, stderr, fragments):
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -39,8 +39,21 @@ def test_table_rows_and_values():
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     target = lines[2].split(" | ")
     assert target[0] == "| target" and target[1] == "0.960" and target[3] == "0.250" and target[6] == "1.000"
-    assert target[-2] == "n/a" and target[-1] == "0.466 |"  # no MMLU for this run; 0.46605 rounds to 0.466
-    assert lines[3].split(" | ")[-2] == "0.410"
+    # No MMLU for this run: no official final score, the partial mean marked as such (0.46605 rounds to 0.466).
+    assert target[-2] == "n/a" and target[-1] == "0.466 (partial, no MMLU) |"
+    assert lines[3].split(" | ")[-2:] == ["0.410", "0.466 |"]  # all three parts: the final score, unmarked
+
+
+def test_attack_table_when_attacks_ran():
+    with_attacks = {**results(0.3, 0.85, mmlu=0.41), "mia_min_k_auc": 0.8, "mia_min_k_score": 0.4,
+                    "mia_reference_auc": 0.55, "mia_reference_score": 0.9}
+    table = compare.comparison_table([("target", results(0.96, 0.9)), ("paper", with_attacks)])
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| run | loss (official) AUC"))
+    assert header == "| run | loss (official) AUC | loss (official) score | Min-K% AUC | Min-K% score | " \
+                     "reference AUC | reference score |"
+    assert lines[-2] == "| target | 0.750 | 0.500 | n/a | n/a | n/a | n/a |"
+    assert lines[-1] == "| paper | 0.750 | 0.500 | 0.800 | 0.400 | 0.550 | 0.900 |"
 
 
 def test_cli_writes_table_and_chart(tmp_path):

@@ -14,7 +14,7 @@ from conftest import ROOT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_results(regurgitation, knowledge, mia_auc=None, mmlu=None, short_long=(0.5, 0.5)):
+def fake_results(regurgitation, knowledge, mia_auc=None, mmlu=None, short_long=(0.5, 0.5), min_k_auc=None):
     """An evaluation_results.json as evaluate.py writes it; regurgitation/knowledge: {split: value} for every task."""
     results = {}
     for split in ("forget", "retain"):
@@ -26,9 +26,16 @@ def fake_results(regurgitation, knowledge, mia_auc=None, mmlu=None, short_long=(
     if mia_auc is not None:
         results["mia_loss_acc"] = mia_auc
         results["mia_final_score"] = 1 - 2 * abs(mia_auc - 0.5)
+    if min_k_auc is not None:
+        results["mia_min_k_auc"] = min_k_auc
+        results["mia_min_k_score"] = 1 - 2 * abs(min_k_auc - 0.5)
     if mmlu is not None:
         results["mmlu_average"] = mmlu
-    results["aggregate-score"] = 0.5555
+    if mia_auc is not None and mmlu is not None:
+        results["aggregate-score"] = 0.5555
+    else:  # the official rule: no final score without all three parts, only a partial one
+        results["aggregate-score"] = None
+        results["partial-aggregate-score"] = 0.5555
     results["by-length"] = {"threshold_words": 12, "forget": {
         "short": {"n": 6, "regurgitation-score": short_long[0]}, "long": {"n": 6, "regurgitation-score": short_long[1]}}}
     return results
@@ -59,6 +66,7 @@ def test_report_from_hand_made_results(tmp_path):
         assert value in report, value
     assert "| forget Task2 regurgitation | 0.912 | 0.123 |" in report
     assert "MMLU was not run" in report
+    assert "| **partial score (no MMLU)** | 0.555 | 0.555 |" in report and "**final score**" not in report
     # the bar: forget dropped by more than half, retain kept 0.801 >= 0.8 * 0.934, AUC moved towards 0.5
     assert report.count("PASS") == 2 + 4 and "FAIL" not in report
     for name in ("scores.png", "by_length.png"):
@@ -69,12 +77,16 @@ def test_report_from_hand_made_results(tmp_path):
 
 def test_report_with_mmlu_and_a_failed_bar(tmp_path):
     write_results(tmp_path, "target", fake_results({"forget": 0.9, "retain": 0.9}, {"forget": 0.9, "retain": 0.9},
-                                                   mia_auc=0.9, mmlu=0.2713))
+                                                   mia_auc=0.9, mmlu=0.2713, min_k_auc=0.95))
     write_results(tmp_path, "demo", fake_results({"forget": 0.6, "retain": 0.5}, {"forget": 0.3, "retain": 0.9},
-                                                 mia_auc=0.05, mmlu=0.2589))
+                                                 mia_auc=0.05, mmlu=0.2589, min_k_auc=0.75))
     report = open(demo.build_report(str(tmp_path), ["target", "demo", "missing"])).read()
     assert "MMLU was not run" not in report
     assert "| MMLU accuracy | 0.271 | 0.259 | – |" in report
+    assert "| **final score** | 0.555 | 0.555 | – |" in report
+    assert "| MIA Min-K% AUC | 0.950 | 0.750 | – |" in report
+    assert "| MIA Min-K% score | 0.100 | 0.500 | – |" in report
+    assert "MIA zlib" not in report  # only attacks that ran get rows
     assert "FAIL: forget regurgitation at most half of before (0.900 -> 0.600)" in report
     assert "FAIL: retain regurgitation at least 0.8x before" in report
     assert "FAIL: MIA AUC closer to 0.5 than before (0.900 -> 0.050)" in report

@@ -13,7 +13,7 @@ import torch
 import evaluate
 import scoring
 from cli import InputError, run_main
-from conftest import CORPUS, ROOT, shared_path
+from conftest import CORPUS, ROOT, save_tiny_model, shared_path
 from records import Record
 
 PROMPTS = [
@@ -168,6 +168,40 @@ def test_scores_identical_across_batch_sizes(model_and_tokenizer):
         assert r1[key] == r3[key]
 
 
+def test_exact_mode_gives_batch_one_strings_in_bfloat16(tiny_model_dir):
+    """--exact: batch 1 whatever --batch_size says, so bf16 strings and losses are the batch-1 ones; the JSON says
+    which mode, dtype and batch size ran."""
+    from modeling import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_model_dir, dtype="bfloat16")
+    rows = make_records()
+    documents = [(str(i), text) for i, text in enumerate(CORPUS)]
+    one, t1 = evaluate.evaluate_model(model, tokenizer, rows[:4], rows[3:], documents[:2], documents[2:],
+                                      max_new_tokens=12, batch_size=1)
+    exact, te = evaluate.evaluate_model(model, tokenizer, rows[:4], rows[3:], documents[:2], documents[2:],
+                                        max_new_tokens=12, batch_size=4, exact=True)
+    assert te == t1
+    assert (exact["dtype"], exact["batch_size"], exact["mode"]) == ("bfloat16", 1, "exact")
+    # ... and they are the organisers' loop's strings (model.generate, one prompt, no mask), in bf16 too.
+    assert [row["model_output"] for split in ("forget", "retain") for row in te[split]] == \
+        [official_generation(model, tokenizer, r.input, 12) for r in rows[:4] + rows[3:]]
+    fast, _ = evaluate.evaluate_model(model, tokenizer, rows[:4], rows[3:], max_new_tokens=2, batch_size=4)
+    assert (fast["batch_size"], fast["mode"]) == (4, "fast")
+
+
+def test_final_score_only_when_all_three_parts_ran():
+    """The official rule: no MMLU, no aggregate-score; the mean of what ran is the partial score, named so."""
+    tables = {"forget": [{"id": "asc1", "task": "Task1", "input": "a", "expected_output": "b c", "model_output": "b"}],
+              "mia": [{"set": "member", "id": "m", "loss": 1.0}, {"set": "nonmember", "id": "n", "loss": 2.0}]}
+    results = evaluate.compute_results(tables)
+    assert results["aggregate-score"] is None and results["aggregate-score-components"] == []
+    assert results["final_score_parts"] == ["harmonic-mean-task-aggregate", "mia_final_score"]
+    assert results["partial-aggregate-score"] == pytest.approx((0.5 + 0.0) / 2)  # 1 - 0.5 recall; AUC 1 -> 0
+    lines = evaluate.summary_lines(results)
+    assert any(line.startswith("partial-aggregate-score") and "no MMLU" in line for line in lines)
+    assert not any(line.startswith("aggregate-score") for line in lines)
+
+
 def test_clean_up_tokenization_matches_transformers_4():
     text = "Paris . Is it ? Yes ! Well , I do n't know , I 'm sure it 's what we 've seen , they 're here ' ok"
     assert evaluate.clean_up_tokenization(text) == \
@@ -203,6 +237,17 @@ def test_choice_logits_batched_equal_single_forward(model_and_tokenizer):
         assert scoring.mmlu_pick(row) == "ABCD"[int(logits.argmax())]
 
 
+def test_load_mmlu_shots_from_test_split_without_dev(tmp_path):
+    """No dev/ (the shared MMLU copy): each question's worked examples are the first other questions of its subject."""
+    os.makedirs(tmp_path / "test")
+    (tmp_path / "test" / "anatomy_test.csv").write_text("Q1,a,b,c,d,A\nQ2,a,b,c,d,B\nQ3,a,b,c,d,C\n")
+    questions = evaluate.load_mmlu(str(tmp_path), ntrain=2, limit=2)
+    assert [q["question"] for q in questions] == ["Q1", "Q2"]  # the same questions as zero-shot
+    assert [[shot[0] for shot in q["shots"]] for q in questions] == [["Q2", "Q3"], ["Q1", "Q3"]]
+    assert {q["shots_from"] for q in questions} == {"test"}
+    assert [q["shots"] for q in evaluate.load_mmlu(str(tmp_path), ntrain=0)] == [[], [], []]
+
+
 def test_load_mmlu_limit_shots_and_errors(tmp_path):
     for split, name in (("test", "anatomy_test.csv"), ("dev", "anatomy_dev.csv")):
         os.makedirs(tmp_path / split, exist_ok=True)
@@ -222,7 +267,10 @@ def test_load_mmlu_limit_shots_and_errors(tmp_path):
 
 NUMERIC_KEYS = ("forget-set", "retain-set", "aggregated-terms", "aggregated-term-names", "skipped-terms",
                 "harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average",
-                "mmlu_per_category", "aggregate-score", "aggregate-score-components", "by-length", "rows")
+                "mmlu_per_category", "aggregate-score", "aggregate-score-components", "by-length", "rows",
+                "mia_min_k_fraction", "mia_min_k_auc", "mia_min_k_score", "mia_min_k_plus_plus_auc",
+                "mia_min_k_plus_plus_score", "mia_zlib_auc", "mia_zlib_score")
+REFERENCE_KEYS = ("mia_reference_auc", "mia_reference_score")
 
 
 def test_predictions_round_trip_keeps_empty_generation(model_and_tokenizer, tmp_path):
@@ -279,18 +327,27 @@ def cli_inputs(tmp_path):
 
 def test_cli_writes_outputs_and_rescoring_matches(tiny_model_dir, cli_inputs, capsys):
     out = cli_inputs / "out"
+    reference = save_tiny_model(cli_inputs / "reference", seed=1)  # stands in for the model before unlearning
     args = ["--model_name_or_path", tiny_model_dir, "--data_dir", str(cli_inputs / "data"),
             "--mia_data_dir", str(cli_inputs / "mia"), "--mmlu_dir", str(cli_inputs / "mmlu"),
             "--output_dir", str(out), "--max_new_tokens", "8", "--batch_size", "3", "--torch_dtype", "float32",
-            "--mmlu_limit", "2"]
+            "--mmlu_limit", "2", "--reference_model", reference, "--mia_min_k", "0.5"]
     results = evaluate.main(args)
     assert results["mmlu_questions"] == 3
     assert results["aggregate-score-components"] == ["harmonic-mean-task-aggregate", "mia_final_score",
                                                      "mmlu_average"]
-    assert "[WARNING] MMLU average" in capsys.readouterr().err or results["mmlu_average"] >= 0.371
+    assert "partial-aggregate-score" not in results  # all three parts ran: the official final score
+    assert (results["dtype"], results["batch_size"], results["mode"]) == ("float32", 3, "fast")
+    assert results["mia_min_k_fraction"] == 0.5 and results["mmlu_shots"] == {"ntrain": 0, "source": ["none"]}
+    printed = capsys.readouterr()
+    assert "[WARNING] MMLU average" in printed.err or results["mmlu_average"] >= 0.371
+    for key in ("mia_min_k_auc", "mia_min_k_plus_plus_auc", "mia_zlib_auc", "mia_reference_auc", "aggregate-score"):
+        assert key in printed.out, key
+    with open(out / "mia_losses.csv") as f:
+        assert f.readline().strip() == "set,id,loss,min_k_fraction,min_k,min_k_plus_plus,zlib,reference_loss"
     assert [name for name in os.listdir(cli_inputs) if name.startswith(".eval-staging")] == []
     again = evaluate.main(["--predictions_dir", str(out), "--output_dir", str(cli_inputs / "rescored")])
-    for key in NUMERIC_KEYS:
+    for key in NUMERIC_KEYS + REFERENCE_KEYS:
         assert again[key] == results[key], key
     # A finished run is never overwritten silently.
     with pytest.raises(SystemExit) as exit_info:

@@ -130,6 +130,34 @@ def test_final_aggregate():
     assert scoring.final_aggregate() == (None, [])
 
 
+def test_final_score_needs_all_three_parts():
+    full = scoring.final_score(0.3, 0.6, 0.9)
+    assert full == {"aggregate-score": pytest.approx(0.6),
+                    "aggregate-score-components": ["harmonic-mean-task-aggregate", "mia_final_score", "mmlu_average"]}
+    partial = scoring.final_score(0.2, None, 0.4)  # no MIA: the official script reports no final score
+    assert partial["aggregate-score"] is None and partial["aggregate-score-components"] == []
+    assert partial["partial-aggregate-score"] == pytest.approx(0.3)
+    assert partial["final_score_parts"] == ["harmonic-mean-task-aggregate", "mmlu_average"]
+    assert scoring.final_score()["partial-aggregate-score"] is None
+
+
+def test_final_score_label():
+    full = {"harmonic-mean-task-aggregate": 0.3, "mia_final_score": 0.6, "mmlu_average": 0.9, "aggregate-score": 0.6}
+    assert scoring.final_score_label(full) == ("final score", 0.6)
+    no_mmlu = {"harmonic-mean-task-aggregate": 0.3, "mia_final_score": 0.5, "partial-aggregate-score": 0.4}
+    assert scoring.final_score_label(no_mmlu) == ("partial score (no MMLU)", 0.4)
+    # A file written before the rule: aggregate-score over two parts is shown as partial too.
+    old = {"harmonic-mean-task-aggregate": 0.3, "aggregate-score": 0.3}
+    assert scoring.final_score_label(old) == ("partial score (no MIA, no MMLU)", 0.3)
+
+
+def test_membership_auc_orientation():
+    assert scoring.membership_auc([2.0], [1.0]) == 1.0  # higher score = more member-like
+    assert scoring.membership_auc([1.0, 3.0], [2.0]) == 0.5
+    with pytest.raises(ValueError):
+        scoring.membership_auc([], [1.0])
+
+
 def test_length_breakdown():
     rows = [{"id": "asc1", "expected_output": "one two three", "rouge_l_recall": 1.0},
             {"id": "bsc1", "expected_output": "one two three four five", "rouge_l_recall": 0.2},
