@@ -60,6 +60,18 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one thread (thread hand-offs dominate, more so on a shared CPU): a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_path(*parts):
     """Path under ../shared/data, or skip the test when the shared data are absent."""
     path = os.path.join(SHARED_DATA, *parts)

@@ -35,13 +35,7 @@ def make_records():
             for i, (prompt, task, kind) in enumerate(zip(PROMPTS, tasks, kinds))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread (thread hand-offs dominate, more so on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
