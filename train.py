@@ -484,6 +484,7 @@ def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
     """The official scores of the model on the dev slice, rows sharded over processes (evaluate.evaluate_model):
     the same dict on every process."""
     from evaluate import evaluate_model
+    from scoring import KINDS, SPLITS
 
     forget, retain, members, nonmembers, mmlu = dev
     results, _ = evaluate_model(accelerator.unwrap_model(model), tokenizer, forget, retain,
@@ -494,11 +495,11 @@ def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
         scores.update(mia_auc=results["mia_loss_acc"], mia_score=results["mia_final_score"])
     if mmlu:
         scores["mmlu"] = results["mmlu_average"]
-    for split in ("forget", "retain"):
-        for key, name in (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge")):
+    for split in SPLITS:
+        for _, key in KINDS:  # regurgitation-score, knowledge-score -> forget_regurgitation, ...
             value = (results.get(f"{split}-set") or {}).get(f"overall-{key}")
             if value is not None:
-                scores[f"{split}_{name}"] = value
+                scores[f"{split}_{key[:-len('-score')]}"] = value
     scores["metric"] = best_metric(scores, train_args.metric_for_best_model)
     return scores
 
