@@ -33,6 +33,7 @@ CHECKPOINT_STATE = "trainer_state.json"  # step counters and data position, writ
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
 SCHEDULES = ("kinds", "chunked")
+CALIBRATION_ON = ("answer", "text")
 BEST_METRICS = ("task_mia_mean", "final", "task_aggregate", "mia_score")
 BEST_WEIGHTS = "best_trainable.safetensors"  # in a checkpoint: the best evaluated step's trainable weights
 
@@ -134,6 +135,10 @@ class TrainArguments:
                                                         "also the MIA nonmembers of --eval_steps. '' = off."})
     calibration_margin: float = field(default=1.0, metadata={"help": "Target NLL = margin x the calibration level "
                                                              "(1.0: exactly as likely as unseen text)."})
+    calibration_on: str = field(default="answer", metadata={
+        "help": "What the calibration level and a forget row's NLL are measured on: 'answer' (the answer tokens, "
+                "what the forget term pushes) or 'text' (every token of prompt + answer, what the MIA's loss "
+                "attack scores: a memorised prompt then has to be offset by the answer)."})
     # AILS-NTUA's schedule
     schedule: str = field(default="kinds", metadata={"help": "kinds: one loss kind per optimizer step (the paper's "
                                                      "multi-task loop); chunked: AILS-NTUA's data chunking, the forget "
@@ -195,6 +200,8 @@ class TrainArguments:
             raise ValueError("--retain_per_forget and --epochs_per_chunk must be >= 1, --forget_chunk_size >= 0")
         if not self.calibration_margin > 0:
             raise ValueError(f"--calibration_margin {self.calibration_margin}: must be > 0")
+        if self.calibration_on not in CALIBRATION_ON:
+            raise ValueError(f"--calibration_on {self.calibration_on}: expected one of {', '.join(CALIBRATION_ON)}")
         if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0:
             raise ValueError("--eval_steps, --eval_rows and --eval_mmlu_limit must be >= 0")
         if self.eval_max_new_tokens < 1 or self.eval_batch_size < 1:
@@ -431,9 +438,16 @@ def load_calibration(path, forget_records):
     return rows
 
 
-def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8):
-    """Mean answer NLL per (task, kind) of the calibration rows under the model as it is (before unlearning).
-    Every process computes all rows in the same order (identical levels; also in step under ZeRO-3)."""
+def calibration_labels(batch, calibration_on):
+    """The labels a row's calibrated NLL is measured on: the answer's (the batch labels), or every real token's."""
+    if calibration_on == "answer":
+        return batch["labels"]
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8, calibration_on="answer"):
+    """Mean NLL (over calibration_labels) per (task, kind) of the calibration rows under the model as it is (before
+    unlearning). Every process computes all rows in the same order (identical levels; also in step under ZeRO-3)."""
     encoded = [encode_example(tokenizer, r.input, r.output, data_args.max_length, data_args.loss_on) for r in rows]
     values = {}
     was_training = model.training
@@ -443,7 +457,8 @@ def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8):
             batch = {k: v.to(device) for k, v in pad_batch(encoded[start:start + batch_size],
                                                             tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for r, nll in zip(rows[start:start + batch_size], per_sequence_nll(logits, batch["labels"]).tolist()):
+            nlls = per_sequence_nll(logits, calibration_labels(batch, calibration_on)).tolist()
+            for r, nll in zip(rows[start:start + batch_size], nlls):
                 values.setdefault(row_key(r.id, r.task), []).append(nll)
     model.train(was_training)
     return {key: sum(v) / len(v) for key, v in values.items()}
@@ -776,7 +791,8 @@ def setup_run(model_args, data_args, train_args):
     if calibration_rows is not None and "forget" in examples:
         if not quantized:  # quantized weights were loaded onto the device already
             model.to(accelerator.device)
-        levels = calibration_levels(model, tokenizer, calibration_rows, data_args, accelerator.device)
+        levels = calibration_levels(model, tokenizer, calibration_rows, data_args, accelerator.device,
+                                    calibration_on=train_args.calibration_on)
         for example in examples["forget"]:
             example["target"] = train_args.calibration_margin * levels[row_key(example["id"], example["task"])]
         calibration = {f"{task} {kind}": round(train_args.calibration_margin * level, 4)
@@ -879,7 +895,8 @@ def make_loss_fn(run, kind, train_args):
         logits, labels, weights = model(**inputs).logits, batch["labels"], batch.get("weights")
         at_target = rows = 0
         if "targets" in batch:
-            active = calibrated_rows(per_sequence_nll(logits.detach(), labels), batch["targets"])
+            measured = calibration_labels(batch, train_args.calibration_on)
+            active = calibrated_rows(per_sequence_nll(logits.detach(), measured), batch["targets"])
             forget_rows = batch["is_forget"] if kind == "mixed" else torch.ones_like(active)
             rows, at_target = int(forget_rows.sum()), int((forget_rows & ~active).sum())
             if kind == "mixed":

@@ -11,6 +11,8 @@ On the public SemEval-2025 Task 4 validation split (documents = rows sharing an 
   target      train.py configs/target.yaml on forget + retain (as the organisers built theirs): the memorised model
   eval-target evaluate.py: MIA members = the forget documents trained into the target (text = the sc row's input +
               " " + output, like the organisers' files), nonmembers as above; MMLU with a per-subject limit
+  oracle      the target's recipe on the retain documents alone (never the forget documents): exact unlearning,
+              what a method would ideally reach on this data; scored like every model
   PRESET      train.py configs/PRESET.yaml from the target, at the matched budget (--learning_rate, --epochs), then
               evaluate.py; zjuklab = two runs merged with TIES (merge_adapters.py)
   table       RUN_DIR/quality.md + quality.png (compare.py) with the 12 terms, task aggregate, MIA AUC and score, MMLU,
@@ -39,7 +41,7 @@ from demo import DEFAULT_MODEL, eval_command, here, run_command, train_command, 
 from records import TASKS, load_records  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-DEFAULT_PRESETS = "paper,paper_authors,grad_diff,npo,ails_ntua,zjuklab,calibrated"
+DEFAULT_PRESETS = "paper,paper_authors,grad_diff,npo,ails_ntua,zjuklab,calibrated,recommended"
 TRAIN_DONE, EVAL_DONE = "train_config.yaml", "evaluation_results.json"
 
 
@@ -71,6 +73,10 @@ class BenchArguments:
     eval_dtype: str = field(default="auto", metadata={"help": "evaluate.py --torch_dtype (auto: bf16 on GPU, fp32 "
                                                       "on CPU)."})
     mixed_precision: str = field(default="auto", metadata={"help": "accelerate --mixed_precision for training."})
+    oracle: bool = field(default=True, metadata={"help": "Also build and score the oracle: the target's recipe on "
+                                                 "the retain documents alone, a model that never saw the forget "
+                                                 "documents (exact unlearning; its scores bound what any method can "
+                                                 "reach on this data)."})
     dry_run: bool = field(default=False, metadata={"help": "Print the steps and stop."})
 
     def __post_init__(self):
@@ -198,6 +204,16 @@ def plan(args, has_gpu=False):
                                        data_dir, target, "target")},
              evaluation("target", target, target_done)]
     names = ["target"]
+    if args.oracle:
+        oracle = os.path.join(args.run_dir, "oracle")
+        command = train_command(args, has_gpu, here("configs", "target.yaml"), args.model_name_or_path, data_dir,
+                                oracle, "oracle")
+        at = command.index("--data_dir")
+        command[at:at + 2] = ["--retain_file", os.path.join(data_dir, "retain.jsonl")]  # no forget set at all
+        steps += [{"name": "oracle", "kind": "train", "done": os.path.join(oracle, TRAIN_DONE), "needs": [data_done],
+                   "command": command},
+                  evaluation("oracle", oracle, os.path.join(oracle, TRAIN_DONE))]
+        names.append("oracle")
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         runs = preset_runs(name)
         for run_name, config in runs:

@@ -73,14 +73,35 @@ def test_matched_budget_flags():
 
 
 def test_plan_scores_each_model_after_building_it():
-    (args,) = cli.parse_config([bench.BenchArguments], ["--presets", "npo,zjuklab"])
+    (args,) = cli.parse_config([bench.BenchArguments], ["--presets", "npo,zjuklab", "--oracle", "false"])
     steps, names = bench.plan(args)
     order = [step["name"] for step in steps]
     assert order == ["data", "target", "eval-target", "npo", "eval-npo", "zjuklab_a", "zjuklab_b", "merge-zjuklab",
                      "eval-zjuklab"]
     assert names == ["target", "npo", "zjuklab"]
-    calibrated = bench.plan(cli.parse_config([bench.BenchArguments], ["--presets", "calibrated"])[0])[0][3]
+    calibrated = bench.plan(cli.parse_config([bench.BenchArguments], ["--presets", "calibrated", "--oracle",
+                                                                      "false"])[0])[0][3]
     flag = calibrated["command"].index("--calibration_file")
     assert calibrated["command"][flag + 1] == os.path.join(args.run_dir, "data", "calibration.jsonl")
     merge = steps[order.index("merge-zjuklab")]["command"]
     assert merge[merge.index("--base_model") + 1] == os.path.join(args.run_dir, "target")
+
+
+def test_oracle_is_the_target_recipe_without_the_forget_set():
+    (args,) = cli.parse_config([bench.BenchArguments], ["--presets", "npo"])
+    steps, names = bench.plan(args)
+    assert names == ["target", "oracle", "npo"]
+    by_name = {step["name"]: step for step in steps}
+    target, oracle = by_name["target"]["command"], by_name["oracle"]["command"]
+    data_dir = os.path.join(args.run_dir, "data")
+    assert "--data_dir" not in oracle and "--forget_file" not in oracle
+    assert oracle[oracle.index("--retain_file") + 1] == os.path.join(data_dir, "retain.jsonl")
+    # the same preset and base model as the target
+    for offset in (-1, 1):
+        assert oracle[oracle.index("--model_name_or_path") + offset] == \
+            target[target.index("--model_name_or_path") + offset]
+    # scored exactly as the target is (same forget/retain, MIA and MMLU sets), only the model and output differ
+    rename = {os.path.join(args.run_dir, "oracle"): "MODEL", os.path.join(args.run_dir, "eval-oracle"): "OUT",
+              os.path.join(args.run_dir, "target"): "MODEL", os.path.join(args.run_dir, "eval-target"): "OUT"}
+    assert [rename.get(a, a) for a in by_name["eval-oracle"]["command"]] == \
+        [rename.get(a, a) for a in by_name["eval-target"]["command"]]

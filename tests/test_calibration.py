@@ -96,7 +96,7 @@ class FixedLogits(torch.nn.Module):
         return type("Output", (), {"logits": self.logits})()
 
 
-def calibrated_loss(targets, kind="forget"):
+def calibrated_loss(targets, kind="forget", calibration_on="answer"):
     """The forget loss_fn of train.py on two rows whose answer NLLs are ln 2 (row 0) and ln 2 + ln 4 over 2 (row 1)."""
     # row 0: both answer positions uniform (NLL ln 2 each); row 1: position 1 gives the label p = 1/5 (NLL ln 5)
     logits = torch.zeros(2, 3, 2)
@@ -110,7 +110,7 @@ def calibrated_loss(targets, kind="forget"):
 
     run = type("Run", (), {"model": model, "accelerator": FakeAccelerator()})()
     args = type("Args", (), {"forget_loss": "gi", "retain_loss": "ntp", "alpha": 1.0, "nll_floor": 1e-3,
-                             "npo_beta": 0.1})()
+                             "npo_beta": 0.1, "calibration_on": calibration_on})()
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3),
              "labels": labels, "targets": torch.tensor(targets)}
     loss, nll, at_target, rows = train.make_loss_fn(run, kind, args)(batch)
@@ -146,6 +146,18 @@ def test_calibration_stops_rows_at_target_and_restarts_below():
     assert loss.item() == pytest.approx(1 / ROW_NLL[1]) and at_target == 1
 
 
+def test_calibration_on_text_measures_every_token():
+    # every token of the rows is token 0 (input_ids zeros): the text NLL covers positions 0 and 1 predicting token 0.
+    # row 0: uniform logits, ln 2 at both; row 1: ln 2, then logits (ln 4, 0) give token 0 p = 4/5, NLL ln 1.25
+    text_nll = (math.log(2), (math.log(2) + math.log(1.25)) / 2)  # 0.693, 0.458
+    # targets 0.5: on answer NLL (0.693, 1.151) both rows are at target; on text NLL only row 0 is
+    _, loss, _, at_target, _ = calibrated_loss([0.5, 0.5], calibration_on="answer")
+    assert loss.item() == 0 and at_target == 2
+    _, loss, _, at_target, _ = calibrated_loss([0.5, 0.5], calibration_on="text")
+    assert text_nll[1] < 0.5 < text_nll[0] and at_target == 1
+    assert loss.item() == pytest.approx(1 / ROW_NLL[1])  # the forget term itself stays on the answer tokens
+
+
 def test_calibrated_mixed_batches_zero_the_weight_of_forget_rows_at_target():
     model, loss, _, at_target, rows = None, None, None, None, None
     logits = torch.zeros(2, 3, 2)
@@ -153,7 +165,7 @@ def test_calibrated_mixed_batches_zero_the_weight_of_forget_rows_at_target():
     model = FixedLogits(logits)
     run = type("Run", (), {"model": model, "accelerator": None})()
     args = type("Args", (), {"forget_loss": "ga", "retain_loss": "ntp", "alpha": 1.0, "nll_floor": 1e-3,
-                             "npo_beta": 0.1})()
+                             "npo_beta": 0.1, "calibration_on": "answer"})()
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3), "labels": labels,
              "weights": torch.tensor([-1.0, 0.5]), "is_forget": torch.tensor([True, False]),
              "targets": torch.tensor([0.1, math.inf])}
@@ -183,6 +195,23 @@ def test_calibration_levels_are_per_task_and_kind(tiny_model_dir, tiny_tokenizer
             batch = pad_batch([encode_example(tiny_tokenizer, r.input, r.output, 64)], tiny_tokenizer.pad_token_id)
             nlls.append(answer_nll(model(input_ids=batch["input_ids"]).logits, batch["labels"]).item())
     assert levels[("Task1", "sc")] == pytest.approx(sum(nlls) / len(nlls), rel=1e-4)
+    # on the whole text: every token after the first, by hand from unpadded rows; the tiny model's outputs are near
+    # uniform (every token's NLL about ln V), so its head is randomised to make text and answer levels differ, and
+    # the rows are not truncated (at 64 tokens a long sc answer leaves no room for its prompt)
+    args = train.DataArguments(max_length=512)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(std=0.5)
+    levels = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4)
+    text_levels = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4,
+                                           calibration_on="text")
+    nlls = []
+    with torch.no_grad():
+        for r in task1_sc:
+            ids = torch.tensor([encode_example(tiny_tokenizer, r.input, r.output, 512)["input_ids"]])
+            nlls.append(torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item())
+    assert text_levels[("Task1", "sc")] == pytest.approx(sum(nlls) / len(nlls), rel=1e-4)
+    assert text_levels[("Task1", "sc")] != pytest.approx(levels[("Task1", "sc")], rel=1e-3)
 
 
 # --- AILS-NTUA's chunked schedule -----------------------------------------------------------------------------------
