@@ -63,6 +63,8 @@ def _read_rows(path):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise InputError(f"{path}:{line_number}: not UTF-8 text (re-encode the file as UTF-8)") from None
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # the byte-order mark Windows editors write; still UTF-8
             if not line.strip():
                 continue
             try:

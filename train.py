@@ -56,6 +56,12 @@ class ModelArguments:
                                                      "as safetensors in output_dir; --no_merge_lora saves only "
                                                      "the adapter."})
 
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r {self.lora_r}: must be >= 0 (0 = full fine-tuning)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
+
 
 @dataclass
 class DataArguments:

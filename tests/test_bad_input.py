@@ -6,6 +6,7 @@ Most cases run in-process through ``cli.run_main`` (the same wrapper as ``python
 subprocesses to show the real exit path.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -335,6 +336,11 @@ def negative_learning_rate(env):
 
 
 @case
+def negative_lora_rank(env):
+    return env.argv("--lora_r=-2"), ["--lora_r -2: must be >= 0"]
+
+
+@case
 def zero_epochs(env):
     return env.argv("--num_train_epochs", "0"), ["--num_train_epochs 0: must be >= 1"]
 
@@ -380,6 +386,18 @@ def test_bad_input(name, tmp_path, tiny_model_dir, capsys):
     check_one_line_error(code, stderr, fragments)
     assert snapshot(tmp_path, tiny_model_dir) == before  # nothing written, nothing changed
     assert os.path.exists(env.out) == out_existed
+
+
+def test_a_bom_crlf_jsonl_with_blank_lines_reads_like_the_plain_file(tmp_path):
+    """What a Windows editor writes (a UTF-8 byte-order mark, CRLF line ends, a trailing blank line) is valid input."""
+    from records import load_records
+
+    rows = [row(id="doc1sc1"), row(id="doc1qa0", input="Who?", output="Ann.")]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + b"\r\n\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n\r\n")
+    assert load_records(str(windows)) == load_records(plain)
+    assert [r.id for r in load_records(str(windows))] == ["doc1sc1", "doc1qa0"]
 
 
 def test_catalogue_size():
