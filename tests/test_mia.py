@@ -58,7 +58,10 @@ def test_statistics_batched_equal_batch_one(model_and_tokenizer):
     for a, b in zip(one, batched):
         assert a.keys() == b.keys() == {"loss", "min_k", "min_k_plus_plus", "zlib"}
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+            # float32 noise only: a padded product sums in another order (about 1e-6 relative in the logits), and
+            # Min-K%++ divides by the vocabulary's std, which amplifies it to ~1e-5 on some CPUs; a padding bug
+            # (pad positions scored or a row shifted) moves these statistics by far more than 1e-4
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     # document_losses keeps its return value: the loss alone.
     assert evaluate.document_losses(model, tokenizer, CORPUS, batch_size=4) == [row["loss"] for row in batched]
 
