@@ -134,8 +134,9 @@ class TrainArguments:
     # calibrated forgetting
     calibration_file: str = field(default="", metadata={"help": "Held-out rows in the forget-set format (.jsonl/"
                                                         ".parquet; documents of the same tasks never trained into "
-                                                        "the model). At the start, their mean answer NLL per task "
-                                                        "and row kind (sc/qa) is the level a forget row is driven "
+                                                        "the model). At the start, their mean NLL per task "
+                                                        "and row kind (sc/qa; over --calibration_on's tokens) is the "
+                                                        "level a forget row is driven "
                                                         "to and no further: the forget term is off for rows at or "
                                                         "above it and back on if they fall below. Their sc rows are "
                                                         "also the MIA nonmembers of --eval_steps. '' = off."})
@@ -854,7 +855,8 @@ def setup_run(model_args, data_args, train_args):
                       f"{accelerator.num_processes} process(es), "
                       f"{size} x {train_args.gradient_accumulation_steps} examples per process per step")
     if calibration:
-        accelerator.print(f"calibrated forgetting: target answer NLL per task and kind {calibration}")
+        accelerator.print(f"calibrated forgetting: target {train_args.calibration_on} NLL per task and kind "
+                          f"{calibration}")
     return run
 
 

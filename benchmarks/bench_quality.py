@@ -12,7 +12,7 @@ On the public SemEval-2025 Task 4 validation split (documents = rows sharing an 
   eval-target evaluate.py: MIA members = the forget documents trained into the target (text = the sc row's input +
               " " + output, like the organisers' files), nonmembers as above; MMLU with a per-subject limit
   oracle      the target's recipe on the retain documents alone (never the forget documents): exact unlearning,
-              what a method would ideally reach on this data; scored like every model
+              the reference a method is compared with on this data; scored like every model
   PRESET      train.py configs/PRESET.yaml from the target, at the matched budget (--learning_rate, --epochs), then
               evaluate.py; zjuklab = two runs merged with TIES (merge_adapters.py)
   table       RUN_DIR/quality.md + quality.png (compare.py) with the 12 terms, task aggregate, MIA AUC and score, MMLU,
@@ -75,8 +75,8 @@ class BenchArguments:
     mixed_precision: str = field(default="auto", metadata={"help": "accelerate --mixed_precision for training."})
     oracle: bool = field(default=True, metadata={"help": "Also build and score the oracle: the target's recipe on "
                                                  "the retain documents alone, a model that never saw the forget "
-                                                 "documents (exact unlearning; its scores bound what any method can "
-                                                 "reach on this data)."})
+                                                 "documents (exact unlearning: the reference an unlearning method is "
+                                                 "compared with on this data)."})
     dry_run: bool = field(default=False, metadata={"help": "Print the steps and stop."})
 
     def __post_init__(self):
