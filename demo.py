@@ -10,8 +10,9 @@ interrupted demo picks up where it stopped:
   prepare        python prepare_model.py: SmolLM2-135M-Instruct GGUF -> models/smollm2-135m-instruct
   target         train.py configs/target.yaml (next-token loss on forget + retain): the memorised model to unlearn
   eval-target    evaluate.py on it: the "before" numbers
-  unlearn-NAME   train.py configs/NAME.yaml from the target: configs/demo.yaml (the paper's recipe at the learning
-                 rate and epochs this small data set needs) and configs/paper.yaml (the paper's own, to compare)
+  unlearn-NAME   train.py configs/NAME.yaml from the target: configs/recommended.yaml (calibrated chunked gradient
+                 difference, at the quality benchmark's budget for this small model: --unlearn_flags) and
+                 configs/paper.yaml (the paper's own recipe as published, to compare)
   eval-NAME      evaluate.py on each unlearned model: the "after" numbers
   report         RUN_DIR/report.md + scores.png, curves.png, by_length.png (always rebuilt)
 """
@@ -59,10 +60,14 @@ class DemoArguments:
     mmlu_limit: int = field(default=0, metadata={"help": "Only the first N MMLU questions per subject (0 = all)."})
     run_dir: str = field(default=here("runs", "demo"), metadata={
         "help": "Where every step writes (target/, eval-target/, unlearn-NAME/, eval-NAME/, report.md)."})
-    unlearn_config: str = field(default=here("configs", "demo.yaml"), metadata={
-        "help": "Unlearning preset applied to the target (train.py YAML). The default, configs/demo.yaml, is "
-                "configs/paper.yaml at lr 5e-4 for 8 epochs: the demo data makes 8 steps an epoch where the paper's "
-                "made 350 (see the file)."})
+    unlearn_config: str = field(default=here("configs", "recommended.yaml"), metadata={
+        "help": "Unlearning preset applied to the target (train.py YAML). The default, configs/recommended.yaml, "
+                "is the toolkit's recommended recipe (chosen by benchmarks/bench_quality.py; RESULTS.md)."})
+    unlearn_flags: str = field(default="--learning_rate 5e-4 --epochs_per_chunk 5", metadata={
+        "help": "Extra train.py flags for --unlearn_config only (not for --also_configs). The default is the quality "
+                "benchmark's budget for a 135M model on a few dozen rows (recommended.yaml as written carries "
+                "AILS-NTUA's 7B settings, lr 1e-5 and 7 epochs per chunk, which barely move a small model); '' = "
+                "the preset as written."})
     also_configs: list[str] = field(default_factory=lambda: [here("configs", "paper.yaml")], metadata={
         "help": "More unlearning presets to run and compare in the same report. The default, configs/paper.yaml, "
                 "shows the paper's own setting beside --unlearn_config; 'none' runs --unlearn_config only."})
@@ -148,9 +153,10 @@ def needs_calibration(config):
     return "calibration_margin" in preset or bool(preset.get("eval_steps"))
 
 
-def train_command(args, has_gpu, config, model, data_dir, output_dir, run_name, calibration_file=""):
+def train_command(args, has_gpu, config, model, data_dir, output_dir, run_name, calibration_file="", flags=()):
     command = launcher(args, has_gpu) + [here("train.py"), config, "--model_name_or_path", model,
-                                         "--data_dir", data_dir, "--output_dir", output_dir, "--run_name", run_name]
+                                         "--data_dir", data_dir, "--output_dir", output_dir, "--run_name", run_name,
+                                         *flags]
     if needs_calibration(config):
         command += ["--calibration_file", calibration_file]
     if glob.glob(os.path.join(output_dir, "checkpoints", "step-*", "trainer_state.json")):
@@ -209,9 +215,10 @@ def plan(args, has_gpu=False):
             if needs_calibration(config) and not os.path.isfile(calibration):
                 raise InputError(f"{config} calibrates its forgetting on held-out rows: no {calibration}; pass "
                                  f"--calibration_file (rows in the forget-set format, never trained)")
+            flags = shlex.split(args.unlearn_flags) if config == args.unlearn_config else []
             steps.append({"name": f"unlearn-{name}", "kind": "train", "done": os.path.join(model, TRAIN_DONE),
                           "command": train_command(args, has_gpu, config, target, data_dir, model, name,
-                                                   calibration)})
+                                                   calibration, flags)})
         out = os.path.join(args.run_dir, f"eval-{name}")
         steps.append({"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, EVAL_DONE),
                       "command": eval_command(args, has_gpu, model, data_dir, mia_dir, out)})

@@ -128,16 +128,21 @@ def test_fresh_run_plans_every_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_model, "is_converted", lambda path: False)
     steps = demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", os.path.join(ROOT, "configs", "npo.yaml")))
-    assert names(demo.pending(steps)) == ["prepare", "target", "eval-target", "unlearn-demo", "eval-demo",
-                                          "unlearn-npo", "eval-npo"]
+    assert names(demo.pending(steps)) == ["prepare", "target", "eval-target", "unlearn-recommended",
+                                          "eval-recommended", "unlearn-npo", "eval-npo"]
     by_name = {step["name"]: step["command"] for step in steps}
     assert by_name["prepare"][1].endswith("prepare_model.py")
     target = by_name["target"]
     assert target[1:3] == ["launch", "--num_processes"] and "--cpu" in target
     assert target[target.index("--output_dir") + 1] == str(tmp_path / "target")
-    unlearn = by_name["unlearn-demo"]
+    unlearn = by_name["unlearn-recommended"]
     assert unlearn[unlearn.index("--model_name_or_path") + 1] == str(tmp_path / "target")
-    assert os.path.basename(unlearn[unlearn.index("--model_name_or_path") - 1]) == "demo.yaml"
+    assert os.path.basename(unlearn[unlearn.index("--model_name_or_path") - 1]) == "recommended.yaml"
+    # the default preset gets the demo's budget flags and its held-out rows; the compared preset runs as written
+    assert unlearn[unlearn.index("--learning_rate") + 1] == "5e-4"
+    assert unlearn[unlearn.index("--epochs_per_chunk") + 1] == "5"
+    assert unlearn[unlearn.index("--calibration_file") + 1].endswith(os.path.join("demo", "calibration.jsonl"))
+    assert "--learning_rate" not in by_name["unlearn-npo"] and "--calibration_file" not in by_name["unlearn-npo"]
     evaluation = by_name["eval-npo"]
     assert evaluation[evaluation.index("--model_name_or_path") + 1] == str(tmp_path / "unlearn-npo")
     assert "--mmlu_dir" not in evaluation and "--mia_data_dir" in evaluation
@@ -145,9 +150,11 @@ def test_fresh_run_plans_every_step(tmp_path, monkeypatch):
 
 def test_default_run_compares_with_the_paper_preset(tmp_path):
     unlearned = [step["name"] for step in demo.plan(demo_args("--run_dir", str(tmp_path))) if step["kind"] == "train"]
-    assert unlearned == ["target", "unlearn-demo", "unlearn-paper"]
-    alone = demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", "none"))
-    assert [step["name"] for step in alone if step["kind"] == "train"] == ["target", "unlearn-demo"]
+    assert unlearned == ["target", "unlearn-recommended", "unlearn-paper"]
+    alone = demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", "none", "--unlearn_flags", ""))
+    assert [step["name"] for step in alone if step["kind"] == "train"] == ["target", "unlearn-recommended"]
+    unlearn = next(step["command"] for step in alone if step["name"] == "unlearn-recommended")
+    assert "--learning_rate" not in unlearn
 
 
 def test_finished_steps_are_skipped(tmp_path, monkeypatch):
@@ -158,9 +165,9 @@ def test_finished_steps_are_skipped(tmp_path, monkeypatch):
     (tmp_path / "target" / "train_config.yaml").write_text("config: {}\n")
     write_results(tmp_path, "target", {})
     steps = demo.pending(demo.plan(demo_args("--run_dir", str(tmp_path))))
-    assert names(steps) == ["unlearn-demo", "eval-demo", "unlearn-paper", "eval-paper"]
-    (tmp_path / "unlearn-demo" / "checkpoints" / "step-6").mkdir(parents=True)
-    (tmp_path / "unlearn-demo" / "checkpoints" / "step-6" / "trainer_state.json").write_text("{}")
+    assert names(steps) == ["unlearn-recommended", "eval-recommended", "unlearn-paper", "eval-paper"]
+    (tmp_path / "unlearn-recommended" / "checkpoints" / "step-6").mkdir(parents=True)
+    (tmp_path / "unlearn-recommended" / "checkpoints" / "step-6" / "trainer_state.json").write_text("{}")
     unlearn = demo.pending(demo.plan(demo_args("--run_dir", str(tmp_path))))[0]["command"]
     assert unlearn[-2:] == ["--resume_from_checkpoint", "latest"]  # an interrupted run continues
 
@@ -169,11 +176,11 @@ def test_rerun_of_a_finished_demo_only_rebuilds_the_report(tmp_path):
     args = demo_args("--run_dir", str(tmp_path), "--target_model", str(tmp_path / "given"), "--mmlu_dir", "m",
                      "--mmlu_limit", "5", "--also_configs", "none")
     steps = demo.plan(args)
-    assert names(steps) == ["eval-target", "unlearn-demo", "eval-demo"]  # no prepare, no target: it was given
+    assert names(steps) == ["eval-target", "unlearn-recommended", "eval-recommended"]  # no prepare, no target: it was given
     assert steps[0]["command"][-4:] == ["--mmlu_dir", "m", "--mmlu_limit", "5"]
-    (tmp_path / "unlearn-demo").mkdir()
-    (tmp_path / "unlearn-demo" / "train_config.yaml").write_text("config: {}\n")
-    for name in ("target", "demo"):
+    (tmp_path / "unlearn-recommended").mkdir()
+    (tmp_path / "unlearn-recommended" / "train_config.yaml").write_text("config: {}\n")
+    for name in ("target", "recommended"):
         write_results(tmp_path, name, fake_results({"forget": 0.9, "retain": 0.9}, {"forget": 0.9, "retain": 0.9}))
     path = demo.run_pipeline(args)  # would fail on any command: none may run
     assert path == os.path.join(str(tmp_path), "report.md") and os.path.isfile(path)
@@ -222,7 +229,7 @@ def test_subset_keeps_whole_documents(tmp_path):
 
 def test_bad_config_lists_fail_in_one_line(tmp_path):
     with pytest.raises(InputError, match="share a file name"):
-        demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", os.path.join(ROOT, "configs", "demo.yaml")))
+        demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", os.path.join(ROOT, "configs", "recommended.yaml")))
     with pytest.raises(InputError, match="config file not found"):
         demo.plan(demo_args("--run_dir", str(tmp_path), "--also_configs", "nope.yaml"))
 
