@@ -102,9 +102,13 @@ def load_yaml_config(path, dataclass_types):
 
 
 def run_main(main):
-    """Run ``main()``; an InputError becomes one line on stderr and exit code 2, never a traceback."""
+    """Run ``main()``; an InputError becomes one line on stderr and exit code 2, Ctrl-C one line and exit code 130,
+    never a traceback."""
     try:
         return main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped without saving", file=sys.stderr)
+        sys.exit(130)

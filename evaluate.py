@@ -720,7 +720,8 @@ def main(argv=None):
 
     config = {**dataclasses.asdict(args)}
     if args.predictions_dir:
-        check_output_dir(args.output_dir, [args.predictions_dir], args.overwrite_output_dir, RESULTS_FILE)
+        check_output_dir(args.output_dir, [args.predictions_dir], args.overwrite_output_dir, RESULTS_FILE,
+                         inside_inputs_ok=True)
         tables = load_predictions(args.predictions_dir)
         results = compute_results(tables, args.length_threshold, args.mmlu_threshold)
         results["mode"] = "rescored"  # from saved CSVs: dtype and batch size are the original run's
@@ -754,7 +755,7 @@ def main(argv=None):
         raise InputError("--reference_model needs --mia_data_dir (it only serves the reference MIA)")
     inputs = [args.model_name_or_path, args.adapter, args.data_dir, forget_file, retain_file, args.mia_data_dir,
               args.mmlu_dir, args.reference_model]
-    check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE)
+    check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE, inside_inputs_ok=True)
 
     from accelerate import Accelerator
 

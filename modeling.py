@@ -110,15 +110,25 @@ def merge_adapter(base_name_or_path, adapter_dir, dtype="auto"):
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None):
-    """Refuse an output dir that is (or holds) an input, or that already holds a finished run."""
+def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None, inside_inputs_ok=False):
+    """Refuse an output dir that is (or holds) an input, or that already holds a finished run.
+
+    ``inside_inputs_ok``: a new subdirectory of an input dir is allowed (evaluate.py's MODEL/eval layout): the
+    reader loads named files from the input, and writing only adds that subdirectory. An existing one is allowed
+    only when it holds nothing but an earlier output (``done_marker``) or nothing at all, so no input file is
+    ever replaced."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InputError(f"--output_dir {output_dir}: exists and is not a directory; choose a directory path")
     out = os.path.realpath(output_dir)
     for path in input_paths:
         if path and os.path.exists(path):
             src = os.path.realpath(path)
-            if out == src or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+            nested = out.startswith(src + os.sep)
+            if nested and inside_inputs_ok and os.path.isdir(src) and (
+                    not os.path.exists(out) or not os.listdir(out)
+                    or (done_marker and os.path.exists(os.path.join(out, done_marker)))):
+                continue
+            if out == src or src.startswith(out + os.sep) or nested:
                 raise InputError(f"--output_dir {output_dir}: overlaps the input {path}; "
                                  f"choose a separate output directory (inputs are never modified)")
     if done_marker and os.path.exists(os.path.join(output_dir, done_marker)) and not overwrite:

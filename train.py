@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DONE_MARKER = "train_config.yaml"  # written last: its presence means the run finished
 CHECKPOINT_STATE = "trainer_state.json"  # step counters and data position, written last into a checkpoint
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a checkpoint was saved, nothing requeues it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
 SCHEDULES = ("kinds", "chunked")
 CALIBRATION_ON = ("answer", "text")
@@ -120,8 +121,9 @@ class TrainArguments:
     run_name: str = field(default="", metadata={"help": "TensorBoard run name (default: a timestamp)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint (adapter, optimizer, scheduler, RNG, data "
                                                  "position) every N optimizer steps; 0 = off."})
-    save_minutes: float = field(default=0.0, metadata={"help": "Also checkpoint every M minutes of training; "
-                                                       "0 = off."})
+    save_minutes: float = field(default=30.0, metadata={"help": "Also checkpoint every M minutes of training, so "
+                                                        "a crash loses at most M minutes (--resume_from_checkpoint "
+                                                        "latest); 0 = off."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str = field(default="", metadata={"help": "'latest' (newest under output_dir/"
                                                               "checkpoints) or a checkpoint dir: continue exactly "
@@ -672,8 +674,10 @@ class RunState:
 
 @dataclass
 class StopRequest:
-    """Set by SIGTERM / SIGUSR1 (preemption_signals); ``start``: when this invocation began (--max_train_minutes)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT (preemption_signals): ``signal_name`` of the first one received;
+    ``start``: when this invocation began (--max_train_minutes)."""
     received: bool = False
+    signal_name: str = ""
     start: float = field(default_factory=time.time)
 
 
@@ -760,7 +764,7 @@ def run_training(model_args, data_args, train_args, stop_request):
     progress.close()
     state.train_seconds += time.time() - start_time
     return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step,
-                      tokens_total / max(time.time() - loop_start, 1e-9))
+                      tokens_total / max(time.time() - loop_start, 1e-9), stop_request.signal_name)
 
 
 def setup_run(model_args, data_args, train_args):
@@ -937,7 +941,8 @@ def evaluate_and_keep_best(run, train_args):
     return scores
 
 
-def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, tokens_per_second):
+def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, tokens_per_second,
+               stop_signal=""):
     """The summary; unless preempted, the best evaluated step's weights (or the last) saved as the run's output."""
     accelerator, state = run.accelerator, run.state
     if run.batch_log is not None:
@@ -948,7 +953,8 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
                "steps_per_epoch": run.steps_per_epoch, "skipped_steps": state.skipped_steps,
                "train_seconds": round(state.train_seconds, 1), "examples_per_kind": run.counts,
                "num_processes": accelerator.num_processes, "stopped_early": stopped_early, "preempted": preempted,
-               "resumed_from_step": first_step or None, "tokens_per_second": round(tokens_per_second, 1)}
+               "resumed_from_step": first_step or None, "tokens_per_second": round(tokens_per_second, 1),
+               "stop_signal": (stop_signal or None) if preempted else None}
     if run.calibration is not None:
         summary["calibration_target_nll"] = run.calibration
     if accelerator.device.type == "cuda":
@@ -958,8 +964,11 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
         summary["peak_gpu_memory_gib"] = round(peak.max().item() / 2 ** 30, 2)
         accelerator.print(f"peak GPU memory: {summary['peak_gpu_memory_gib']} GiB allocated (the busiest process)")
     if preempted:
-        accelerator.print(f"preempted: checkpoint saved at step {state.step}; rerun with --resume_from_checkpoint "
-                          f"latest (exit code {PREEMPTED_EXIT_CODE})")
+        code = INTERRUPTED_EXIT_CODE if stop_signal == "SIGINT" else PREEMPTED_EXIT_CODE
+        how = "interrupted" if code == INTERRUPTED_EXIT_CODE else "preempted"
+        accelerator.print(f"{how} ({stop_signal or 'a signal to another process'}): checkpoint saved at step "
+                          f"{state.step} of {run.total_steps}; to continue, rerun the same command with "
+                          f"--resume_from_checkpoint latest (exit code {code})")
         accelerator.end_training()
         return summary
     if stopped_early:
@@ -981,14 +990,20 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
 
 @contextlib.contextmanager
 def preemption_signals():
-    """While training, SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) ask the loop to checkpoint and
-    exit; the previous handlers come back afterwards (train() may be called from a larger program)."""
+    """While training, SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) and a first Ctrl-C (SIGINT) ask
+    the loop to finish its step, checkpoint and exit; a second Ctrl-C aborts at once (KeyboardInterrupt). The
+    previous handlers come back afterwards (train() may be called from a larger program)."""
     request = StopRequest()
 
     def request_stop(signum, frame):
         request.received = True
+        request.signal_name = request.signal_name or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without one)",
+                  file=sys.stderr, flush=True)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield request
     finally:
@@ -1140,10 +1155,13 @@ def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.
 
 
 def main(argv=None):
-    """Returns the process exit code: 0, or PREEMPTED_EXIT_CODE after a preemption checkpoint."""
+    """Returns the process exit code: 0, or after a stop checkpoint INTERRUPTED_EXIT_CODE (Ctrl-C) or
+    PREEMPTED_EXIT_CODE (SIGTERM / SIGUSR1)."""
     model_args, data_args, train_args = parse_config((ModelArguments, DataArguments, TrainArguments), argv)
     summary = train(model_args, data_args, train_args)
-    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+    if not summary["preempted"]:
+        return 0
+    return INTERRUPTED_EXIT_CODE if summary["stop_signal"] == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -445,3 +445,30 @@ def test_batches_group_similar_lengths_and_cover_every_index():
     batches = evaluate._batches_by_length(lengths, batch_size=4)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert batches == [[5, 0], [4, 2, 3, 7], [1, 6]]  # stories apart from questions, longest first, at most 4
+
+
+def test_output_dir_inside_the_model_dir_is_the_readme_layout(tmp_path, cli_inputs, capsys):
+    """MODEL/eval (the README's, the grid's and the sbatch scripts' layout) is accepted and leaves the model's own
+    files as they were; an existing subdirectory holding anything else stays refused."""
+    import hashlib
+
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", seed=0)
+
+    def digests():
+        return {name: hashlib.sha256(open(os.path.join(model, name), "rb").read()).hexdigest()
+                for name in os.listdir(model) if os.path.isfile(os.path.join(model, name))}
+
+    before = digests()
+    args = ["--model_name_or_path", model, "--data_dir", str(cli_inputs / "data"), "--max_new_tokens", "4",
+            "--batch_size", "4", "--torch_dtype", "float32", "--output_dir", os.path.join(model, "eval")]
+    evaluate.main(args)
+    assert os.path.isfile(os.path.join(model, "eval", evaluate.RESULTS_FILE)) and digests() == before
+    evaluate.main(args + ["--overwrite_output_dir"])  # a rerun replaces only the earlier evaluation
+    assert digests() == before
+    os.makedirs(os.path.join(model, "notes"))
+    open(os.path.join(model, "notes", "keep.txt"), "w").write("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: evaluate.main(args[:-1] + [os.path.join(model, "notes")]))
+    assert exit_info.value.code == 2 and "overlaps the input" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Runs that survive: SIGKILL at any point + resume, SIGTERM preemption, and the time budget."""
+"""Runs that survive: SIGKILL at any point + resume, SIGTERM preemption, Ctrl-C, and the time budget."""
 
 import os
 import signal
@@ -94,6 +94,39 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_completes(tmp_path, tiny_m
     subprocess.run(command + ["--resume_from_checkpoint", "latest"], check=True, env=ENV, capture_output=True,
                    timeout=300)
     assert max_abs_diff(adapter_weights(out), expected) < 1e-5
+
+
+def test_ctrl_c_checkpoints_and_exits_130_then_resume_completes(tmp_path, tiny_model_dir, reference):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group, with no periodic checkpoints set."""
+    data, expected, _ = reference
+    out = str(tmp_path / "out")
+    command = [c for c in train_command(tiny_model_dir, data, out, "--save_minutes", "0") if c != "none"]
+    command[command.index("--report_to"):command.index("--report_to") + 1] = ["--report_to", "tensorboard"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(out, "runs")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # the TensorBoard dir appears once the model is loaded, just before the first step
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == train.INTERRUPTED_EXIT_CODE, output[-2000:]
+    assert "Traceback" not in output and "--resume_from_checkpoint latest" in output, output[-2000:]
+    assert train.list_checkpoints(out) and not os.path.exists(os.path.join(out, "train_config.yaml"))
+    subprocess.run(command + ["--resume_from_checkpoint", "latest"], check=True, env=ENV, capture_output=True,
+                   timeout=300)
+    assert max_abs_diff(adapter_weights(out), expected) < 1e-5
+
+
+def test_second_ctrl_c_aborts_at_once_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    with train.preemption_signals() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert request.received and request.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_time_budget_stops_early_and_saves(tmp_path, tiny_model_dir, reference):
