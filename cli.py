@@ -42,7 +42,7 @@ def parse_config(dataclass_types, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
     parser.error = _argparse_error  # a bad flag value is one line, not the whole usage text
-    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+    if preset_path(argv):
         config_path = argv.pop(0)
         values = load_yaml_config(config_path, dataclass_types)
         parser.set_defaults(**{key: _yaml_value(parser, config_path, key, value) for key, value in values.items()})
@@ -54,6 +54,17 @@ def parse_config(dataclass_types, argv=None):
     if unknown:
         raise InputError(f"unknown option or stray value: {' '.join(unknown)} (see --help for the valid options)")
     return tuple(parsed)
+
+
+def preset_path(argv):
+    """The YAML preset given as the first positional argument, or ''."""
+    return argv[0] if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-") else ""
+
+
+# the top-level keys of a train_config.yaml that train.py writes: its "config" mapping is a preset again
+RUN_RECORD_KEYS = {"config", "result", "launch", "provenance"}
+# options of a recorded run that belong to that run, not to its configuration
+RUN_SPECIFIC_OPTIONS = ("resume_from_checkpoint", "overwrite_output_dir")
 
 
 def _argparse_error(message):
@@ -94,6 +105,9 @@ def load_yaml_config(path, dataclass_types):
         raise InputError(f"{where}: not valid YAML ({problem}); expected lines of option: value") from None
     if not isinstance(values, dict):
         raise InputError(f"{path}: a config file must be a mapping of option: value")
+    if isinstance(values.get("config"), dict) and set(values) <= RUN_RECORD_KEYS:
+        # a finished run's train_config.yaml: rerun its configuration (a new run: not its resume state)
+        values = {k: v for k, v in values["config"].items() if k not in RUN_SPECIFIC_OPTIONS}
     known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}
     for key in values:
         if key not in known:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from cli import InputError, parse_config, run_main
+from cli import InputError, parse_config, preset_path, run_main
 from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
                         per_sequence_nll, zero_loss)
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
@@ -701,24 +701,29 @@ class Run:
     dev: tuple | None = None
     best_weights: dict | None = None
     batch_log: object = None
+    provenance: dict = field(default_factory=dict)  # see provenance()
+    last_losses: dict = field(default_factory=dict)  # kind -> the loss and NLL of its last step
 
 
-def train(model_args, data_args, train_args):
-    """Run one unlearning job; returns its summary (also written to train_config.yaml)."""
+def train(model_args, data_args, train_args, preset=""):
+    """Run one unlearning job; returns its summary (also written to train_config.yaml). ``preset``: the YAML file
+    the options came from, recorded with them."""
     with preemption_signals() as stop_request:
-        return run_training(model_args, data_args, train_args, stop_request)
+        return run_training(model_args, data_args, train_args, stop_request, preset)
 
 
-def run_training(model_args, data_args, train_args, stop_request):
+def run_training(model_args, data_args, train_args, stop_request, preset=""):
     """lr -> step -> log -> evaluate/keep best -> checkpoint -> stop, then publish the best (or last) model."""
     from tqdm.auto import tqdm
 
     run = setup_run(model_args, data_args, train_args)
+    run.provenance = provenance(preset, stop_request.start)
     accelerator, state, world = run.accelerator, run.state, run.accelerator.num_processes
     first_step, loop_start, start_time, last_save = state.step, time.time(), time.time(), time.time()
     save_reserve = 2 * run.load_seconds + 10  # the final save reloads the base to merge (~ a load) and writes it
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="unlearning")
+                    desc="fine-tuning" if "forget" not in run.counts or train_args.forget_loss == "ntp"
+                    else "unlearning")
     stopped_early = preempted = False
     tokens_total = 0.0
     for epoch, kind, micro_batches in remaining_steps(run, train_args):
@@ -742,6 +747,7 @@ def run_training(model_args, data_args, train_args, stop_request):
         preempted = totals["stop"] > 0 and state.step < run.total_steps
         loss, nll = totals["loss"] / world, totals["nll"] / world
         progress.set_postfix(kind=kind, loss=f"{loss:.4g}", nll=f"{nll:.3f}")
+        run.last_losses[kind] = {"loss": round(loss, 4), "nll": round(nll, 4), "step": state.step}
         logs = {f"loss/{kind}": loss, f"nll/{kind}": nll, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0],
                 "skipped_steps": state.skipped_steps, "tokens_per_s": totals["tokens"] / (time.time() - step_start)}
         if stats.grad_norm is not None:
@@ -770,6 +776,7 @@ def run_training(model_args, data_args, train_args, stop_request):
 def setup_run(model_args, data_args, train_args):
     """Check every input, load the model, build examples, schedule, optimizer; resume if asked. Nothing is written
     before every input has been read and checked."""
+    from augment import source_id
     from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
     from transformers import get_linear_schedule_with_warmup, set_seed
 
@@ -818,6 +825,7 @@ def setup_run(model_args, data_args, train_args):
     optimizer = make_adamw(trainable, train_args.learning_rate, train_args.weight_decay)
 
     counts = {kind: len(rows) for kind, rows in examples.items()}
+    sources = {kind: len({source_id(e["id"]) for e in rows}) for kind, rows in examples.items()}
     micro_per_step = accelerator.num_processes * train_args.gradient_accumulation_steps
     size = train_args.per_device_train_batch_size
     if train_args.schedule == "chunked":
@@ -853,8 +861,9 @@ def setup_run(model_args, data_args, train_args):
         os.makedirs(os.path.join(train_args.output_dir, "batch_log"), exist_ok=True)
         run.batch_log = open(os.path.join(train_args.output_dir, "batch_log",
                                           f"rank{accelerator.process_index}.jsonl"), "a", encoding="utf-8")
-    accelerator.print(f"examples per kind: {counts}; {steps_per_epoch} steps/epoch x {train_args.num_train_epochs} "
-                      f"epochs = {steps_per_epoch * train_args.num_train_epochs} optimizer steps"
+    accelerator.print(f"examples: {describe_counts(counts, sources, data_args)}; {steps_per_epoch} steps/epoch x "
+                      f"{train_args.num_train_epochs} epochs = {steps_per_epoch * train_args.num_train_epochs} "
+                      f"optimizer steps"
                       f"{f' (--max_steps: stopping after {total_steps})' if train_args.max_steps > 0 else ''}; "
                       f"{accelerator.num_processes} process(es), "
                       f"{size} x {train_args.gradient_accumulation_steps} examples per process per step")
@@ -862,6 +871,19 @@ def setup_run(model_args, data_args, train_args):
         accelerator.print(f"calibrated forgetting: target {train_args.calibration_on} NLL per task and kind "
                           f"{calibration}")
     return run
+
+
+def describe_counts(counts, sources, data_args):
+    """'forget 16 rows -> 24 examples (augment segments), retain 16 rows' for the run header."""
+    parts = []
+    for kind, n in counts.items():
+        if kind == "idk":
+            parts.append(f"idk {n} (one per forget prompt)")
+        elif sources[kind] != n:
+            parts.append(f"{kind} {sources[kind]} rows -> {n} examples (--augment {data_args.augment})")
+        else:
+            parts.append(f"{kind} {n} rows")
+    return ", ".join(parts)
 
 
 def remaining_steps(run, train_args):
@@ -954,7 +976,7 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
                "train_seconds": round(state.train_seconds, 1), "examples_per_kind": run.counts,
                "num_processes": accelerator.num_processes, "stopped_early": stopped_early, "preempted": preempted,
                "resumed_from_step": first_step or None, "tokens_per_second": round(tokens_per_second, 1),
-               "stop_signal": (stop_signal or None) if preempted else None}
+               "stop_signal": (stop_signal or None) if preempted else None, "last_losses": run.last_losses}
     if run.calibration is not None:
         summary["calibration_target_nll"] = run.calibration
     if accelerator.device.type == "cuda":
@@ -981,7 +1003,8 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
         accelerator.print(f"publishing step {state.best_step} (best dev {train_args.metric_for_best_model} "
                           f"{state.best_scores['metric']:.4f}): " + ", ".join(
                               f"{k} {v:.3f}" for k, v in state.best_scores.items() if k != "metric"))
-    save_outputs(accelerator, run.model, run.tokenizer, model_args, data_args, train_args, summary)
+    save_outputs(accelerator, run.model, run.tokenizer, model_args, data_args, train_args, summary,
+                 dict(run.provenance, run_name=state.run_name))
     accelerator.end_training()
     return summary
 
@@ -1090,7 +1113,7 @@ def load_checkpoint(accelerator, checkpoint, state):
     return saved, (load_file(best) if os.path.isfile(best) else None)
 
 
-def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary):
+def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary, provenance_record=None):
     """adapter/ (peft), the merged model + tokenizer (safetensors) and train_config.yaml, published atomically."""
     from modeling import merge_adapter, publish
 
@@ -1124,17 +1147,71 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
         else:
             unwrapped.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
-        config = flat_config(model_args, data_args, train_args)
+        record = dict(provenance_record or {}, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        config = dict(flat_config(model_args, data_args, train_args), run_name=record.pop("run_name", "")
+                      or train_args.run_name)
         # how it ran, from the accelerate config file chosen at launch (the code is the same at every scale)
         plugin = accelerator.state.deepspeed_plugin
         zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin else None
         launch = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                   "mixed_precision": accelerator.mixed_precision, "zero_stage": zero_stage}
         with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
-            yaml.safe_dump({"config": config, "result": summary, "launch": launch}, f, sort_keys=False)
+            yaml.safe_dump({"config": config, "result": summary, "launch": launch, "provenance": record}, f,
+                           sort_keys=False)
         publish(staging, train_args.output_dir, last=DONE_MARKER)
-        accelerator.print(f"saved to {train_args.output_dir}")
+        accelerator.print(closing_block(model_args, data_args, train_args, summary, config["run_name"]))
     accelerator.wait_for_everyone()
+
+
+def closing_block(model_args, data_args, train_args, summary, run_name):
+    """What the run wrote, how it ended, and the command that scores it."""
+    out = train_args.output_dir
+    lines = [f"saved to {out}:"]
+    if model_args.lora_r > 0:
+        lines.append(f"  {os.path.join(out, 'adapter')}: the LoRA adapter (peft)")
+    if model_args.lora_r == 0 or model_args.merge_lora:
+        lines.append(f"  {out}: the {'merged ' if model_args.lora_r > 0 else ''}model and tokenizer "
+                     f"(from_pretrained('{out}'))")
+    lines.append(f"  {os.path.join(out, DONE_MARKER)}: options, result and provenance "
+                 f"(train.py {os.path.join(out, DONE_MARKER)} --output_dir NEW reruns it)")
+    if train_args.report_to != "none":
+        lines.append(f"  {os.path.join(out, 'runs', run_name)}: {train_args.report_to} logs "
+                     f"(tensorboard --logdir {os.path.join(out, 'runs')})")
+    losses = ", ".join(f"{kind} loss {v['loss']:.4g} (NLL {v['nll']:.3f}, step {v['step']})"
+                       for kind, v in summary.get("last_losses", {}).items())
+    if losses:
+        lines.append(f"last steps: {losses}")
+    model = out if model_args.lora_r == 0 or model_args.merge_lora else \
+        f"{model_args.model_name_or_path} --adapter {os.path.join(out, 'adapter')}"
+    data = f"--data_dir {data_args.data_dir}" if data_args.data_dir else " ".join(
+        f"--{name} {value}" for name, value in (("forget_file", data_args.forget_file),
+                                                ("retain_file", data_args.retain_file)) if value)
+    lines.append(f"next: python evaluate.py --model_name_or_path {model} {data} --mia_data_dir MIA "
+                 f"--output_dir {os.path.join(out, 'eval')}   (MIA: member.jsonl + nonmember.jsonl; omit to skip)")
+    return "\n".join(lines)
+
+
+def provenance(preset, started):
+    """Where a run came from: the preset file, the command, package versions, the git commit of this code."""
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"preset": preset or None, "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+            "versions": versions, "git_commit": commit, "git_uncommitted_changes": dirty,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))}
 
 
 def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.join(ROOT, "configs", "paper.yaml"),
@@ -1157,8 +1234,9 @@ def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.
 def main(argv=None):
     """Returns the process exit code: 0, or after a stop checkpoint INTERRUPTED_EXIT_CODE (Ctrl-C) or
     PREEMPTED_EXIT_CODE (SIGTERM / SIGUSR1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, train_args = parse_config((ModelArguments, DataArguments, TrainArguments), argv)
-    summary = train(model_args, data_args, train_args)
+    summary = train(model_args, data_args, train_args, preset=preset_path(argv))
     if not summary["preempted"]:
         return 0
     return INTERRUPTED_EXIT_CODE if summary["stop_signal"] == "SIGINT" else PREEMPTED_EXIT_CODE

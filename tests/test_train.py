@@ -109,6 +109,51 @@ def test_refuses_output_dir_equal_to_model_dir(tmp_path):
     assert sorted(os.listdir(model_dir)) == before
 
 
+def test_run_record_names_its_origin_and_reruns_the_same_configuration(tmp_path, tiny_model_dir):
+    """train_config.yaml records the preset, versions, commit, times and the real run name; fed back as a preset it
+    reruns the same configuration (same adapter); the header and the closing block say what happened."""
+    import yaml
+    from safetensors.torch import load_file
+
+    data = make_unlearning_data(tmp_path / "data", n_docs=2)
+    first, again = str(tmp_path / "first"), str(tmp_path / "again")
+    result = run_train_cli(os.path.join(ROOT, "configs", "paper.yaml"), "--model_name_or_path", tiny_model_dir,
+                           "--data_dir", data, "--output_dir", first, "--num_train_epochs", "1",
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    forget_rows = len(load_records(os.path.join(data, "forget.jsonl")))
+    assert f"forget {forget_rows} rows -> " in result.stdout and "(--augment segments)" in result.stdout
+    assert "unlearning:" in result.stderr  # the progress bar's label
+    record = yaml.safe_load(open(os.path.join(first, "train_config.yaml")))
+    provenance = record["provenance"]
+    assert provenance["preset"].endswith(os.path.join("configs", "paper.yaml"))
+    assert provenance["versions"]["torch"] == torch.__version__
+    assert provenance["started"] <= provenance["finished"]
+    run_name = record["config"]["run_name"]
+    assert run_name and os.listdir(os.path.join(first, "runs")) == [run_name]  # the name the TensorBoard dir has
+    assert f"--model_name_or_path {first} --data_dir {data}" in result.stdout  # the next command, with the paths
+    assert os.path.join(first, "adapter") in result.stdout
+
+    rerun = run_train_cli(os.path.join(first, "train_config.yaml"), "--output_dir", again,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun_record = yaml.safe_load(open(os.path.join(again, "train_config.yaml")))
+    assert {k: v for k, v in rerun_record["config"].items() if k != "output_dir"} == \
+        {k: v for k, v in record["config"].items() if k != "output_dir"}
+    a = load_file(os.path.join(first, "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(again, "adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_building_a_target_is_labelled_fine_tuning(tmp_path, tiny_model_dir):
+    data = make_unlearning_data(tmp_path / "data", n_docs=2)
+    result = run_train_cli(os.path.join(ROOT, "configs", "target.yaml"), "--model_name_or_path", tiny_model_dir,
+                           "--data_dir", data, "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1",
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fine-tuning:" in result.stderr and "unlearning:" not in result.stderr
+
+
 # --- end to end through accelerate launch ---------------------------------------------------------------------------
 
 def free_port():
