@@ -76,6 +76,9 @@ class EvalArguments:
                 "mmlu_per_subject.csv when present) without loading a model."})
     torch_dtype: str = field(default="bfloat16", metadata={
         "help": "auto, bfloat16 (the official scorer's dtype), float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow a hub model's own modelling code to run (transformers' trust_remote_code): only for models "
+                "whose code you trust."})
     mmlu_threshold: float = field(default=0.371, metadata={
         "help": "Warn when MMLU accuracy is below this (0.371 = the 7B track's cut-off)."})
     length_threshold: int = field(default=0, metadata={
@@ -766,7 +769,8 @@ def main(argv=None):
     if args.reference_model:
         # The reference model runs first and is freed, so only one model is in memory at a time.
         t0 = time.perf_counter()
-        reference, reference_tokenizer = load_for_inference(args.reference_model, None, args.torch_dtype)
+        reference, reference_tokenizer = load_for_inference(args.reference_model, None, args.torch_dtype,
+                                                            args.trust_remote_code)
         reference.to(accelerator.device)
         reference_losses = reference_document_losses(
             reference, reference_tokenizer, members, nonmembers, 1 if args.exact else args.batch_size, accelerator,
@@ -775,7 +779,8 @@ def main(argv=None):
         _free_accelerator_memory()
         reference_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tokenizer = load_for_inference(args.model_name_or_path, args.adapter, args.torch_dtype)
+    model, tokenizer = load_for_inference(args.model_name_or_path, args.adapter, args.torch_dtype,
+                                          args.trust_remote_code)
     model.to(accelerator.device)
     load_s = time.perf_counter() - t0
     results, tables = evaluate_model(

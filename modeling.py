@@ -10,12 +10,12 @@ from cli import InputError
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, trust_remote_code=False):
     """The model's tokenizer; a missing pad token becomes eos (padding is always masked out)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         if not os.path.isdir(name_or_path):
             raise InputError(f"{name_or_path}: no such model directory, and not loadable as a hub model id "
@@ -43,13 +43,14 @@ def quantization_config(load_in_8bit=False, load_in_4bit=False):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=False, device_map=None):
+def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=False, device_map=None,
+               trust_remote_code=False):
     """``AutoModelForCausalLM`` from a local dir or hub id; a clear error when it cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InputError(f"--torch_dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     quant = quantization_config(load_in_8bit, load_in_4bit)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -62,8 +63,10 @@ def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=Fals
                          f"expected a model saved with save_pretrained (config.json + weights)") from None
 
 
-def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, quantized=False):
-    """Wrap the model with a LoRA adapter on all linear layers except lm_head (the paper's setting)."""
+def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, quantized=False,
+             target_modules="all-linear"):
+    """Wrap the model with a LoRA adapter: on all linear layers except lm_head by default (the paper's setting), or
+    on the comma-separated module names of ``target_modules`` (e.g. q_proj,v_proj)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -71,7 +74,16 @@ def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, q
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+    if target_modules != "all-linear":
+        target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [name for name in target_modules if name not in present]
+        if missing or not target_modules:
+            raise InputError(f"--lora_target_modules: {', '.join(missing) or '(empty)'} not a module name of this "
+                             f"model; its linear layers are e.g. " + ", ".join(sorted(
+                                 {name.rsplit('.', 1)[-1] for name, module in model.named_modules()
+                                  if isinstance(module, torch.nn.Linear)})) + " (or all-linear)")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -84,10 +96,10 @@ def make_adamw(trainable, learning_rate, weight_decay):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
 
 
-def load_for_inference(name_or_path, adapter=None, dtype="auto"):
+def load_for_inference(name_or_path, adapter=None, dtype="auto", trust_remote_code=False):
     """Model (+ optional LoRA adapter, unmerged) and tokenizer, in eval mode."""
-    tokenizer = load_tokenizer(name_or_path)
-    model = load_model(name_or_path, dtype=dtype)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    model = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
@@ -98,7 +110,7 @@ def load_for_inference(name_or_path, adapter=None, dtype="auto"):
     return model, tokenizer
 
 
-def merge_adapter(base_name_or_path, adapter_dir, dtype="auto"):
+def merge_adapter(base_name_or_path, adapter_dir, dtype="auto", trust_remote_code=False):
     """Merge a saved LoRA adapter into a fresh full-precision copy of the base.
 
     Reloading the base (rather than merging the trained model in place) works the same after 8/4-bit training
@@ -106,7 +118,7 @@ def merge_adapter(base_name_or_path, adapter_dir, dtype="auto"):
     """
     from peft import PeftModel
 
-    base = load_model(base_name_or_path, dtype=dtype)
+    base = load_model(base_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 

@@ -34,6 +34,12 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on i
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a checkpoint was saved, nothing requeues it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
 SCHEDULES = ("kinds", "chunked")
+# transformers.get_scheduler's schedules that need nothing but warmup and total steps
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+# accelerate's trackers (accelerate.utils.LoggerType) -> the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "all": None, "none": None}
 CALIBRATION_ON = ("answer", "text")
 BEST_METRICS = ("task_mia_mean", "final", "task_aggregate", "mia_score")
 BEST_WEIGHTS = "best_trainable.safetensors"  # in a checkpoint: the best evaluated step's trainable weights
@@ -56,6 +62,12 @@ class ModelArguments:
     merge_lora: bool = field(default=True, metadata={"help": "Also save the merged full model (base + adapter) "
                                                      "as safetensors in output_dir; --no_merge_lora saves only "
                                                      "the adapter."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Modules that get LoRA: all-linear (every linear layer but lm_head: the paper's setting) or "
+                "comma-separated module names, e.g. q_proj,v_proj."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow a hub model's own modelling code to run (transformers' trust_remote_code): only for models "
+                "whose code you trust."})
 
     def __post_init__(self):
         if self.lora_r < 0:
@@ -108,17 +120,25 @@ class TrainArguments:
                                                  "epochs)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (paper: 1e-4)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps with linear warmup; then "
-                                                       "linear decay to 0."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps with linear warmup before "
+                                                       "--lr_scheduler_type's decay."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup optimizer steps; > 0 overrides "
+                                                   "--warmup_ratio."})
+    lr_scheduler_type: str = field(default="linear", metadata={
+        "help": "Learning-rate schedule after warmup (transformers.get_scheduler): linear (to 0, the paper's), "
+                "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each "
                                                                   "process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step "
                                                                   "on each process."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, idk responses, LoRA init."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard (scalars under "
-                                                            "output_dir/runs) or none."})
-    run_name: str = field(default="", metadata={"help": "TensorBoard run name (default: a timestamp)."})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Experiment trackers (accelerate's), comma-separated: tensorboard (scalars under output_dir/runs), "
+                "wandb, mlflow, comet_ml, aim, clearml, dvclive, all (every installed one) or none."})
+    logging_steps: int = field(default=1, metadata={"help": "Log to the trackers every N optimizer steps (each "
+                                                    "scalar the mean over those steps; evaluations always)."})
+    run_name: str = field(default="", metadata={"help": "Tracker run name (default: a timestamp)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint (adapter, optimizer, scheduler, RNG, data "
                                                  "position) every N optimizer steps; 0 = off."})
     save_minutes: float = field(default=30.0, metadata={"help": "Also checkpoint every M minutes of training, so "
@@ -197,12 +217,20 @@ class TrainArguments:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_steps < 0 or self.logging_steps < 1:
+            raise ValueError("--warmup_steps must be >= 0 and --logging_steps >= 1")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type}: expected one of "
+                             f"{', '.join(LR_SCHEDULERS)}")
+        trackers = [name.strip() for name in self.report_to.split(",")]
+        unknown = [name for name in trackers if name not in TRACKERS]
+        if unknown or (len(trackers) > 1 and {"all", "none"} & set(trackers)):
+            raise ValueError(f"--report_to {self.report_to}: expected none, all, or comma-separated names from "
+                             f"{', '.join(t for t in TRACKERS if t not in ('all', 'none'))}")
         if self.save_steps < 0 or self.save_minutes < 0 or self.max_train_minutes < 0:
             raise ValueError("--save_steps, --save_minutes and --max_train_minutes must be >= 0")
         if self.save_total_limit < 1:
             raise ValueError(f"--save_total_limit {self.save_total_limit}: must be >= 1")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to {self.report_to}: expected tensorboard or none")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule}: expected one of {', '.join(SCHEDULES)}")
         if min(self.retain_per_forget, self.epochs_per_chunk) < 1 or self.forget_chunk_size < 0:
@@ -244,6 +272,13 @@ def check_arguments(model_args, data_args, train_args):
         raise InputError("--schedule chunked trains each row on --forget_weight/--retain_weight x its NLL (gradient "
                          "ascent on forget rows, descent on retain rows): set --forget_loss ga --retain_loss ntp, "
                          "without --idk_responses")
+    import importlib.util
+
+    for name in train_args.report_to.split(","):
+        package = TRACKERS[name.strip()]
+        if package and importlib.util.find_spec(package) is None:
+            raise InputError(f"--report_to {name.strip()}: the {package} package is not installed; pip install "
+                             f"{package}, or choose another tracker (tensorboard is in requirements.txt)")
     if train_args.metric_for_best_model == "final" and train_args.eval_steps and not train_args.eval_mmlu_dir:
         raise InputError("--metric_for_best_model final averages MMLU too: give --eval_mmlu_dir, or choose "
                          "task_mia_mean")
@@ -633,7 +668,8 @@ def make_accelerator(train_args):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     accelerator = Accelerator(gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-                              log_with=None if train_args.report_to == "none" else train_args.report_to,
+                              log_with=None if train_args.report_to == "none" else
+                              [name.strip() for name in train_args.report_to.split(",")],
                               project_config=project, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
@@ -726,10 +762,12 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
                     else "unlearning")
     stopped_early = preempted = False
     tokens_total = 0.0
+    log_window = {}  # tag -> values of the steps since the last tracker log (--logging_steps)
     for epoch, kind, micro_batches in remaining_steps(run, train_args):
         step_start = time.time()
         batches = [make_batch(run, kind, micro_batch_for(micro_batches, a, accelerator.process_index, world),
                               state.step, a) for a in range(train_args.gradient_accumulation_steps)]
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step trains at (the scheduler then moves on)
         stats = optimizer_step(accelerator, run.model, run.optimizer, run.trainable, batches,
                                make_loss_fn(run, kind, train_args), train_args.max_grad_norm)
         run.scheduler.step()
@@ -748,16 +786,25 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
         loss, nll = totals["loss"] / world, totals["nll"] / world
         progress.set_postfix(kind=kind, loss=f"{loss:.4g}", nll=f"{nll:.3f}")
         run.last_losses[kind] = {"loss": round(loss, 4), "nll": round(nll, 4), "step": state.step}
-        logs = {f"loss/{kind}": loss, f"nll/{kind}": nll, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0],
-                "skipped_steps": state.skipped_steps, "tokens_per_s": totals["tokens"] / (time.time() - step_start)}
+        scalars = {f"loss/{kind}": loss, f"nll/{kind}": nll, "epoch": epoch, "lr": lr,
+                   "skipped_steps": state.skipped_steps,
+                   "tokens_per_s": totals["tokens"] / (time.time() - step_start)}
         if stats.grad_norm is not None:
-            logs["grad_norm"] = stats.grad_norm
+            scalars["grad_norm"] = stats.grad_norm
         if totals["rows"]:
-            logs["calibration/forget_rows_at_target"] = totals["at_target"] / totals["rows"]
+            scalars["calibration/forget_rows_at_target"] = totals["at_target"] / totals["rows"]
+        for tag, value in scalars.items():
+            log_window.setdefault(tag, []).append(value)
+        logs = {}
         if train_args.eval_steps and not (stopped_early or preempted) and (
                 state.step % train_args.eval_steps == 0 or state.step == run.total_steps):
             logs.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, train_args).items()})
-        if train_args.report_to != "none":
+        if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or stopped_early or preempted:
+            # counters as they stand at this step, every other scalar the mean over the steps since the last log
+            logs.update({tag: values[-1] if tag in ("epoch", "skipped_steps") else sum(values) / len(values)
+                         for tag, values in log_window.items()})
+            log_window = {}
+        if train_args.report_to != "none" and logs:
             accelerator.log(logs, step=state.step)
         periodic = ((train_args.save_steps and state.step % train_args.save_steps == 0) or
                     (train_args.save_minutes and time.time() - last_save >= train_args.save_minutes * 60))
@@ -778,7 +825,7 @@ def setup_run(model_args, data_args, train_args):
     before every input has been read and checked."""
     from augment import source_id
     from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import get_scheduler, set_seed
 
     check_arguments(model_args, data_args, train_args)
     forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
@@ -789,7 +836,7 @@ def setup_run(model_args, data_args, train_args):
     if checkpoint is None and list_checkpoints(train_args.output_dir) and not train_args.overwrite_output_dir:
         raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     examples = build_examples(tokenizer, data_args, train_args)
     calibration_rows = None
     if train_args.calibration_file:
@@ -803,7 +850,8 @@ def setup_run(model_args, data_args, train_args):
     load_start = time.time()
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
     model = load_model(model_args.model_name_or_path, model_args.torch_dtype, model_args.load_in_8bit,
-                       model_args.load_in_4bit, device_map={"": accelerator.device} if quantized else None)
+                       model_args.load_in_4bit, device_map={"": accelerator.device} if quantized else None,
+                       trust_remote_code=model_args.trust_remote_code)
     model.config.use_cache = False
     calibration = None
     if calibration_rows is not None and "forget" in examples:
@@ -817,7 +865,7 @@ def setup_run(model_args, data_args, train_args):
                        for (task, kind), level in sorted(levels.items())}
     if model_args.lora_r > 0:
         model = add_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
-                         model_args.gradient_checkpointing, quantized)
+                         model_args.gradient_checkpointing, quantized, model_args.lora_target_modules)
     elif model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     load_seconds = time.time() - load_start
@@ -841,7 +889,9 @@ def setup_run(model_args, data_args, train_args):
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps > 0:
         total_steps = min(total_steps, train_args.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
+    warmup = train_args.warmup_steps or int(train_args.warmup_ratio * total_steps)
+    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -1141,7 +1191,8 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
                 from transformers.integrations import unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
-                merged = merge_adapter(model_args.model_name_or_path, adapter_dir, model_args.torch_dtype)
+                merged = merge_adapter(model_args.model_name_or_path, adapter_dir, model_args.torch_dtype,
+                                       model_args.trust_remote_code)
                 merged.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
         else:
@@ -1174,8 +1225,8 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
                      f"(from_pretrained('{out}'))")
     lines.append(f"  {os.path.join(out, DONE_MARKER)}: options, result and provenance "
                  f"(train.py {os.path.join(out, DONE_MARKER)} --output_dir NEW reruns it)")
-    if train_args.report_to != "none":
-        lines.append(f"  {os.path.join(out, 'runs', run_name)}: {train_args.report_to} logs "
+    if {"tensorboard", "all"} & {name.strip() for name in train_args.report_to.split(",")}:
+        lines.append(f"  {os.path.join(out, 'runs', run_name)}: TensorBoard logs "
                      f"(tensorboard --logdir {os.path.join(out, 'runs')})")
     losses = ", ".join(f"{kind} loss {v['loss']:.4g} (NLL {v['nll']:.3f}, step {v['step']})"
                        for kind, v in summary.get("last_losses", {}).items())

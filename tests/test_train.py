@@ -1,6 +1,7 @@
 """train.py: the batch schedule, configuration, end-to-end launches (1 and 2 processes) and unlearning behaviour."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -152,6 +153,88 @@ def test_building_a_target_is_labelled_fine_tuning(tmp_path, tiny_model_dir):
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fine-tuning:" in result.stderr and "unlearning:" not in result.stderr
+
+
+def test_lr_is_the_rate_each_step_trained_at_and_logging_steps_average(tmp_path, tiny_model_dir):
+    """The logged lr is the one the step used (transformers' cosine schedule recomputed by hand); --logging_steps 3
+    logs at steps 3, 6, ... and the last, each scalar the mean of those steps' values in the every-step run."""
+    import demo
+
+    data = make_unlearning_data(tmp_path / "data", n_docs=3)
+    common = ["--model_name_or_path", tiny_model_dir, "--data_dir", data, "--augment", "none",
+              "--per_device_train_batch_size", "2", "--num_train_epochs", "2", "--learning_rate", "1e-3",
+              "--lr_scheduler_type", "cosine", "--warmup_steps", "2", "--no_merge_lora"]
+    curves = {}
+    for every in (1, 3):
+        out = str(tmp_path / f"log{every}")
+        result = run_train_cli(*common, "--output_dir", out, "--logging_steps", str(every),
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        curves[every] = demo.read_curves(out)
+    lrs = dict(curves[1]["lr"])
+    total = max(lrs)
+    assert total == 12  # 2 epochs x (6 forget + 6 retain rows) / 2 per step
+    for step, value in lrs.items():  # step k trains at the schedule's value after k - 1 scheduler steps
+        done = step - 1
+        expected = 1e-3 * (done / 2 if done < 2 else 0.5 * (1 + math.cos(math.pi * (done - 2) / (total - 2))))
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-9), step
+    assert lrs[1] == 0.0 and lrs[3] == pytest.approx(1e-3)
+    every3 = dict(curves[3]["lr"])
+    assert sorted(every3) == [3, 6, 9, 12]
+    for step, value in every3.items():
+        assert value == pytest.approx(sum(lrs[s] for s in range(step - 2, step + 1)) / 3, rel=1e-5, abs=1e-9)
+    assert dict(curves[3]["epoch"]) == {step: dict(curves[1]["epoch"])[step] for step in every3}
+
+
+def test_lora_target_modules_and_trackers(tmp_path, tiny_model_dir):
+    import yaml
+    from safetensors.torch import load_file
+
+    data = make_unlearning_data(tmp_path / "data", n_docs=2)
+    out = str(tmp_path / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = run_train_cli("--model_name_or_path", tiny_model_dir, "--data_dir", data, "--output_dir", out,
+                           "--num_train_epochs", "1", "--lora_target_modules", "q_proj,v_proj", "--no_merge_lora",
+                           "--report_to", "none", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = load_file(os.path.join(out, "adapter", "adapter_model.safetensors")).keys()
+    assert names and {name.split(".")[-3] for name in names} == {"q_proj", "v_proj"}
+    assert yaml.safe_load(open(os.path.join(out, "adapter", "adapter_config.json")))["target_modules"] \
+        in (["q_proj", "v_proj"], ["v_proj", "q_proj"])
+    for extra, message in ((["--lora_target_modules", "qkv_proj"], "--lora_target_modules: qkv_proj not a module"),
+                           (["--report_to", "tensorbord"], "--report_to tensorbord: expected none, all, or"),
+                           (["--logging_steps", "0"], "--logging_steps >= 1"),
+                           (["--lr_scheduler_type", "cosine_warm"], "--lr_scheduler_type cosine_warm: expected")):
+        bad = run_train_cli("--model_name_or_path", tiny_model_dir, "--data_dir", data, "--output_dir",
+                            str(tmp_path / "bad"), *extra, env=env)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1000:]
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    model_args, data_args, train_args = (train.ModelArguments(model_name_or_path="m"), train.DataArguments(),
+                                         train.TrainArguments(output_dir="o", report_to="tensorboard,wandb"))
+    with pytest.raises(train.InputError, match="--report_to wandb: the wandb package is not installed"):
+        train.check_arguments(model_args, data_args, train_args)
+
+
+def test_trust_remote_code_reaches_from_pretrained(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling
+
+    seen = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        real = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, real=real, **k: seen.append(
+            k.get("trust_remote_code")) or real(*a, **k))
+    modeling.load_for_inference(tiny_model_dir, trust_remote_code=True)
+    modeling.load_for_inference(tiny_model_dir)
+    assert seen == [True, True, False, False]
 
 
 # --- end to end through accelerate launch ---------------------------------------------------------------------------
