@@ -183,7 +183,7 @@ class AugmentArguments:
 
 
 def main(argv=None):
-    (args,) = parse_config((AugmentArguments,), argv)
+    (args,) = parse_config((AugmentArguments,), argv, description=__doc__)
     if os.path.realpath(args.output) == os.path.realpath(args.input):
         raise InputError(f"--output {args.output}: same file as --input; write the augmented data elsewhere")
     if not args.output.endswith(".jsonl"):

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 
 import yaml
@@ -37,10 +38,52 @@ class InputError(ValueError):
     """Bad user input (file, line, option). The entry scripts print it as one line and exit with code 2."""
 
 
-def parse_config(dataclass_types, argv=None):
-    """Parse ``[config.yaml] [--flag value ...]`` into the given dataclasses; YAML keys are checked by name."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the script's docstring as written (its example commands keep their lines), and each option's
+    default unless it is empty."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(" not in text:
+            text = text.replace("%", "%%")  # argparse %-formats help: "Min-K%" would crash --help
+        if action.default in ("", None) or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def make_parser(dataclass_types, description=None, groups=None, usage=None):
+    """The HfArgumentParser of a script: ``description`` (its docstring) on top, the YAML preset in the usage line,
+    and the options in ``groups`` ({title: [option names]}, every option in one) instead of one flat list."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else None
+    parser = HfArgumentParser(dataclass_types, prog=prog, usage=usage or "%(prog)s [PRESET.yaml] [--option value ...]",
+                              description=description,
+                              formatter_class=HelpFormatter,
+                              epilog="PRESET.yaml (configs/*.yaml, or a run's train_config.yaml) sets the defaults; "
+                                     "flags after it override them.")
+    if groups:
+        actions = {}  # dest -> its actions (a bool option also has its --no_ form)
+        for action in parser._actions:
+            actions.setdefault(action.dest, []).append(action)
+        listed = [name for names in groups.values() for name in names]
+        options = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
+        if sorted(listed) != sorted(options):  # a programming error: an option added without a group
+            raise AssertionError(f"help groups differ from the options: {sorted(set(listed) ^ options)}")
+        for title, names in groups.items():
+            group = parser.add_argument_group(title)
+            for action in (action for name in names for action in actions[name]):
+                for other in parser._action_groups:
+                    if action in other._group_actions and other is not group:
+                        other._group_actions.remove(action)
+                group._group_actions.append(action)
+        parser._action_groups = [g for g in parser._action_groups if g._group_actions]
+    return parser
+
+
+def parse_config(dataclass_types, argv=None, description=None, groups=None, usage=None):
+    """Parse ``[config.yaml] [--flag value ...]`` into the given dataclasses; YAML keys are checked by name.
+    ``description``, ``groups``, ``usage``: how --help presents them (make_parser)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = make_parser(dataclass_types, description, groups, usage)
     parser.error = _argparse_error  # a bad flag value is one line, not the whole usage text
     if preset_path(argv):
         config_path = argv.pop(0)
@@ -68,6 +111,11 @@ RUN_SPECIFIC_OPTIONS = ("resume_from_checkpoint", "overwrite_output_dir")
 
 
 def _argparse_error(message):
+    # argparse's "argument --x/--x-y: invalid choice: 'v' (choose from 'a', 'b')" in this project's form
+    choice = re.match(r"argument (--\w+)(?:/\S+)?: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+    if choice:
+        flag, value, allowed = choice.groups()
+        message = f"{flag} {value}: expected one of {allowed.replace(chr(39), '')}"
     raise InputError(f"{message} (see --help)")
 
 

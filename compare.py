@@ -153,7 +153,8 @@ def main(argv=None):
     runs = []
     while argv and not argv[0].startswith("-"):
         runs.append(argv.pop(0))
-    (args,) = parse_config((CompareArguments,), argv)
+    (args,) = parse_config((CompareArguments,), argv, description=__doc__,
+                           usage="%(prog)s EVAL_DIR [EVAL_DIR ...] --output_dir OUT [--option value ...]")
     if not runs:
         raise InputError("give one or more evaluate.py output dirs before the options")
     if not args.output_dir:

@@ -604,7 +604,7 @@ def build_report(run_dir, names, args=None, timings=None):
 
 
 def main(argv=None):
-    (args,) = parse_config([DemoArguments], argv)
+    (args,) = parse_config([DemoArguments], argv, description=__doc__)
     start = time.time()
     run_pipeline(args)
     print(f"demo.py finished in {(time.time() - start) / 60:.1f} min")

@@ -718,7 +718,7 @@ def summary_lines(results):
 # --- entry point ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    (args,) = cli.parse_config([EvalArguments], argv)
+    (args,) = cli.parse_config([EvalArguments], argv, description=__doc__)
     from modeling import check_output_dir
 
     config = {**dataclasses.asdict(args)}

@@ -216,7 +216,7 @@ def merge_adapters(base_model, adapter_dirs, output_dir, weights=None, density=0
 
 
 def main(argv=None):
-    (args,) = parse_config((MergeArguments,), argv)
+    (args,) = parse_config((MergeArguments,), argv, description=__doc__)
     summary = merge_adapters(args.base_model, split_list(args.adapters), args.output_dir,
                              weights=parse_weights(args.weights) if args.weights.strip() else None,
                              density=args.density, combination_type=args.combination_type,

@@ -254,7 +254,7 @@ def report(args):
 
 
 def main(argv=None):
-    (args,) = parse_config((PlanArguments,), argv)
+    (args,) = parse_config((PlanArguments,), argv, description=__doc__)
     check_plan_arguments(args)
     text, _ = report(args)
     print(text)

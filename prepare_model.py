@@ -98,7 +98,7 @@ def convert_gguf(gguf_path, output_dir):
 
 
 def main(argv=None):
-    (args,) = parse_config([PrepareArguments], argv)
+    (args,) = parse_config([PrepareArguments], argv, description=__doc__)
     gguf_path = args.gguf_file or smollm2_gguf_path()
     convert_gguf(gguf_path, args.output_dir)
 

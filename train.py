@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from cli import InputError, parse_config, preset_path, run_main
+from modeling import DTYPES
 from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
                         per_sequence_nll, zero_loss)
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
@@ -48,8 +49,9 @@ BEST_WEIGHTS = "best_trainable.safetensors"  # in a checkpoint: the best evaluat
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="", metadata={"help": "Model to unlearn from: a local dir or hub id."})
-    torch_dtype: str = field(default="auto", metadata={"help": "Weight dtype: auto (from the model config), "
-                                                       "bfloat16, float16 or float32."})
+    torch_dtype: str = field(default="auto", metadata={
+        "choices": tuple(DTYPES),
+        "help": "Weight dtype: auto (from the model config), bfloat16, float16 or float32."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank; 0 = full fine-tuning (no adapter)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (paper: 32)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper: 0.05)."})
@@ -86,10 +88,13 @@ class DataArguments:
                                                    "data_dir's."})
     max_length: int = field(default=512, metadata={"help": "Max tokens per example; long prompts lose tokens "
                                                    "from the left, never the answer's start."})
-    loss_on: str = field(default="output", metadata={"help": "Tokens that carry loss: 'output' (the answer) or "
-                                                     "'all' (prompt too)."})
-    augment: str = field(default="none", metadata={"help": "Forget-set augmentation (paper §3.1): none, "
-                                                   "segments (short-to-long answer prefixes), recombine, both."})
+    loss_on: str = field(default="output", metadata={
+        "choices": ("output", "all"),
+        "help": "Tokens that carry loss: 'output' (the answer) or 'all' (prompt too)."})
+    augment: str = field(default="none", metadata={
+        "choices": AUGMENT_MODES,
+        "help": "Forget-set augmentation (paper §3.1): none, segments (short-to-long answer prefixes), recombine, "
+                "both."})
     augment_retain: bool = field(default=False, metadata={"help": "Apply --augment to the retain set too."})
     idk_responses: bool = field(default=False, metadata={"help": "Add idk batches: forget inputs answered with "
                                                          "a seeded 'I don't know'-style response (L_ntp)."})
@@ -103,13 +108,15 @@ class TrainArguments:
                                                   "TensorBoard runs/ go; never the model dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir that already "
                                                                 "holds a finished run."})
-    forget_loss: str = field(default="gi", metadata={"help": "Forget objective: gi (alpha/L_ntp, paper eq. 2), "
-                                                     "gi2 ((alpha/L_ntp)^2), ga (-L_ntp), ntp (fine-tune on "
-                                                     "forget: builds a memorised target), npo (Negative "
-                                                     "Preference Optimization vs the frozen base), none."})
-    retain_loss: str = field(default="ntp", metadata={"help": "Retain objective: ntp (next-token loss), kl (KL "
-                                                      "from the frozen base), ntp_kl (both), none (no retain "
-                                                      "batches)."})
+    forget_loss: str = field(default="gi", metadata={
+        "choices": FORGET_LOSSES,
+        "help": "Forget objective: gi (alpha/L_ntp, paper eq. 2), gi2 ((alpha/L_ntp)^2), ga (-L_ntp), ntp (fine-tune "
+                "on forget: builds a memorised target), npo (Negative Preference Optimization vs the frozen base), "
+                "none."})
+    retain_loss: str = field(default="ntp", metadata={
+        "choices": RETAIN_LOSSES,
+        "help": "Retain objective: ntp (next-token loss), kl (KL from the frozen base), ntp_kl (both), none (no "
+                "retain batches)."})
     npo_beta: float = field(default=0.1, metadata={"help": "Inverse temperature beta of the npo loss."})
     alpha: float = field(default=1.0, metadata={"help": "Numerator alpha of the gi/gi2 forget loss."})
     nll_floor: float = field(default=NLL_FLOOR, metadata={"help": "Floor on L_ntp inside gi/gi2 so alpha/L "
@@ -125,6 +132,7 @@ class TrainArguments:
     warmup_steps: int = field(default=0, metadata={"help": "Warmup optimizer steps; > 0 overrides "
                                                    "--warmup_ratio."})
     lr_scheduler_type: str = field(default="linear", metadata={
+        "choices": LR_SCHEDULERS,
         "help": "Learning-rate schedule after warmup (transformers.get_scheduler): linear (to 0, the paper's), "
                 "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each "
@@ -165,18 +173,18 @@ class TrainArguments:
     calibration_margin: float = field(default=1.0, metadata={"help": "Target NLL = margin x the calibration level "
                                                              "(1.0: exactly as likely as unseen text)."})
     calibration_on: str = field(default="answer", metadata={
-        "help": "What the calibration level and a forget row's NLL are measured on: 'answer' (the answer tokens, "
-                "what the forget term pushes) or 'text' (every token of prompt + answer, what the MIA's loss "
-                "attack scores: a memorised prompt then has to be offset by the answer)."})
+        "choices": CALIBRATION_ON,
+        "help": "What the calibration level and a forget row's NLL are measured on: 'answer' (the answer tokens, what"
+                " the forget term pushes) or 'text' (every token of prompt + answer, what the MIA's loss attack "
+                "scores: a memorised prompt then has to be offset by the answer)."})
     # AILS-NTUA's schedule
-    schedule: str = field(default="kinds", metadata={"help": "kinds: one loss kind per optimizer step (the paper's "
-                                                     "multi-task loop); chunked: AILS-NTUA's data chunking, the forget "
-                                                     "set in disjoint chunks of --forget_chunk_size rows, each mixed "
-                                                     "with "
-                                                     "--retain_per_forget retain rows per forget row (cycling through "
-                                                     "the retain set) and trained --epochs_per_chunk epochs before "
-                                                     "the next; a batch mixes forget and retain rows with per-row "
-                                                     "weights --forget_weight / --retain_weight on their NLL."})
+    schedule: str = field(default="kinds", metadata={
+        "choices": SCHEDULES,
+        "help": "kinds: one loss kind per optimizer step (the paper's multi-task loop); chunked: AILS-NTUA's data "
+                "chunking, the forget set in disjoint chunks of --forget_chunk_size rows, each mixed with "
+                "--retain_per_forget retain rows per forget row (cycling through the retain set) and trained "
+                "--epochs_per_chunk epochs before the next; a batch mixes forget and retain rows with per-row weights"
+                " --forget_weight / --retain_weight on their NLL."})
     forget_chunk_size: int = field(default=0, metadata={"help": "--schedule chunked: forget rows per chunk (the last "
                                                         "may be smaller); 0 = one chunk of every forget row."})
     retain_per_forget: int = field(default=7, metadata={"help": "--schedule chunked: retain rows per forget row in a "
@@ -201,6 +209,7 @@ class TrainArguments:
                                                      "('' = none)."})
     eval_mmlu_limit: int = field(default=1, metadata={"help": "--eval_steps: MMLU questions per subject."})
     metric_for_best_model: str = field(default="task_mia_mean", metadata={
+        "choices": BEST_METRICS,
         "help": "--eval_steps: what 'best' maximises: task_mia_mean (mean of the task aggregate and the MIA score), "
                 "final (mean of those and MMLU; needs --eval_mmlu_dir), task_aggregate or mia_score."})
 
@@ -1279,14 +1288,42 @@ def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.
             "--forget_file", data_file(forget_dir, "forget"), "--retain_file", data_file(retain_dir, "retain")]
     for name, value in overrides.items():
         argv += [f"--{name}", str(value)]
-    return train(*parse_config((ModelArguments, DataArguments, TrainArguments), argv))
+    return train(*parse_arguments(argv))
+
+
+# --help shows the options in these groups (every option in exactly one)
+HELP_GROUPS = {
+    "model": ["model_name_or_path", "torch_dtype", "trust_remote_code", "gradient_checkpointing", "load_in_8bit",
+              "load_in_4bit"],
+    "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"],
+    "data": ["data_dir", "forget_file", "retain_file", "max_length", "loss_on", "augment", "augment_retain",
+             "idk_responses", "idk_file"],
+    "objective": ["forget_loss", "retain_loss", "alpha", "nll_floor", "npo_beta"],
+    "calibrated forgetting": ["calibration_file", "calibration_margin", "calibration_on"],
+    "AILS-NTUA's chunked schedule": ["schedule", "forget_chunk_size", "retain_per_forget", "epochs_per_chunk",
+                                     "forget_weight", "retain_weight"],
+    "optimisation": ["learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
+                     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "max_grad_norm", "seed"],
+    "evaluation during training and best checkpoint": ["eval_steps", "eval_rows", "eval_max_new_tokens",
+                                                       "eval_batch_size", "eval_mmlu_dir", "eval_mmlu_limit",
+                                                       "metric_for_best_model"],
+    "runs: output, checkpoints, resume": ["output_dir", "overwrite_output_dir", "save_steps", "save_minutes",
+                                          "save_total_limit", "resume_from_checkpoint", "max_train_minutes"],
+    "logging": ["report_to", "logging_steps", "run_name", "batch_log"],
+}
+
+
+def parse_arguments(argv):
+    return parse_config((ModelArguments, DataArguments, TrainArguments), argv, description=__doc__,
+                        groups=HELP_GROUPS)
 
 
 def main(argv=None):
     """Returns the process exit code: 0, or after a stop checkpoint INTERRUPTED_EXIT_CODE (Ctrl-C) or
     PREEMPTED_EXIT_CODE (SIGTERM / SIGUSR1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, train_args = parse_config((ModelArguments, DataArguments, TrainArguments), argv)
+    model_args, data_args, train_args = parse_arguments(argv)
     summary = train(model_args, data_args, train_args, preset=preset_path(argv))
     if not summary["preempted"]:
         return 0
