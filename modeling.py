@@ -10,10 +10,36 @@ from cli import InputError
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def check_hub_reachable(name_or_path):
+    """For a hub id that is not cached: fail at once, with what to do, when the hub cannot be reached (instead of a
+    minute of download retries). A local dir, HF_HUB_OFFLINE=1 or a cached model skip the check."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.isdir(name_or_path) or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: from_pretrained gives the clearer error
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as error:
+        raise InputError(f"{name_or_path}: not a local dir, not in the Hugging Face cache, and {endpoint.hostname} "
+                         f"is unreachable ({error}); download it where there is network (hf download "
+                         f"{name_or_path}) and set HF_HUB_OFFLINE=1, or pass a local model dir (python "
+                         f"prepare_model.py makes the demo's)") from None
+
+
 def load_tokenizer(name_or_path, trust_remote_code=False):
     """The model's tokenizer; a missing pad token becomes eos (padding is always masked out)."""
     from transformers import AutoTokenizer
 
+    check_hub_reachable(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:

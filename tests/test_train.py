@@ -349,3 +349,29 @@ def test_unlearning_behaviour(tmp_path, tiny_model_dir):
     assert retain_after <= 1.25 * retain_before, (retain_before, retain_after)
     assert summary["examples_per_kind"]["forget"] > 16  # segments augmentation added rows
     assert {name: open(os.path.join(data, name)).read() for name in os.listdir(data)} == data_copy_before
+
+
+def test_an_unreachable_hub_is_one_line_with_what_to_do(monkeypatch, tmp_path):
+    """A hub id, no cache, no network: the error comes at once and names HF_HUB_OFFLINE, hf download and a local dir;
+    with HF_HUB_OFFLINE=1, or for a local dir, no connection is tried."""
+    import socket
+
+    from huggingface_hub import constants
+
+    import modeling
+
+    tries = []
+
+    def no_network(address, timeout=None):
+        tries.append(address)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(train.InputError, match="is unreachable .*hf download someone/some-model.*HF_HUB_OFFLINE=1"):
+        modeling.load_tokenizer("someone/some-model")
+    assert len(tries) == 1
+    modeling.check_hub_reachable(str(tmp_path))  # a local dir
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    modeling.check_hub_reachable("someone/some-model")
+    assert len(tries) == 1
