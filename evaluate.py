@@ -47,6 +47,13 @@ class EvalArguments:
         "help": "Dir with forget.jsonl|parquet and retain.jsonl|parquet."})
     forget_file: Optional[str] = field(default=None, metadata={"help": "Forget split file (overrides --data_dir)."})
     retain_file: Optional[str] = field(default=None, metadata={"help": "Retain split file (overrides --data_dir)."})
+    dataset_name: str = field(default="", metadata={
+        "help": "Instead of --data_dir: a Hugging Face dataset with forget and retain splits, as a Hub id or a local "
+                "dir written by DatasetDict.save_to_disk (as train.py --dataset_name)."})
+    dataset_config: str = field(default="", metadata={"help": "--dataset_name's configuration name, if it has "
+                                                      "several."})
+    forget_split: str = field(default="forget", metadata={"help": "--dataset_name's forget split."})
+    retain_split: str = field(default="retain", metadata={"help": "--dataset_name's retain split."})
     mia_data_dir: Optional[str] = field(default=None, metadata={
         "help": "Dir with member.jsonl and nonmember.jsonl for the membership inference attacks (the official "
                 "loss one, and Min-K%, Min-K%++, zlib and --reference_model beside it)."})
@@ -734,7 +741,9 @@ def main(argv=None):
         return results
 
     # Read and check every input before loading the model, so bad input fails in a second with nothing written.
-    forget_file, retain_file = records.resolve_data_files(args.data_dir, args.forget_file, args.retain_file)
+    forget_file, retain_file = records.resolve_data_files(args.data_dir, args.forget_file, args.retain_file,
+                                                          args.dataset_name, args.dataset_config, args.forget_split,
+                                                          args.retain_split)
     forget_records = records.load_records(forget_file) if forget_file else None
     retain_records = records.load_records(retain_file) if retain_file else None
     if args.limit:

@@ -37,8 +37,55 @@ def record_kind(record_id):
     return match.group(1) if match else None
 
 
+@dataclass(frozen=True)
+class DatasetSplit:
+    """One split of a ``datasets`` dataset: a Hub id, or a local dir written by ``DatasetDict.save_to_disk``.
+    Stands where a data file path would (os.fspath gives the dir or id, str() ``NAME[split]``)."""
+    name: str
+    config: str = ""
+    split: str = "forget"
+
+    def __fspath__(self):
+        return self.name
+
+    def __str__(self):
+        return f"{self.name}[{self.split}]"
+
+
+def _dataset_rows(source):
+    """Yield (row number, row dict) of a DatasetSplit, loaded with datasets.load_from_disk / load_dataset."""
+    import datasets
+
+    flag = f"--dataset_name {source.name}"
+    if os.path.isdir(source.name):
+        try:
+            data = datasets.load_from_disk(source.name)
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(f"{flag}: not a dataset saved with save_to_disk ({str(error).splitlines()[0][:200]}); "
+                             f"save a DatasetDict there, or pass a Hub dataset id") from None
+    else:
+        try:
+            data = datasets.load_dataset(source.name, source.config or None)
+        except Exception as error:  # the hub client raises many types; the message is what helps
+            raise InputError(f"{flag}: cannot load it from the Hub ({str(error).splitlines()[0][:200]}); without "
+                             f"network, save it with save_to_disk where there is one and pass that dir, or set "
+                             f"HF_HUB_OFFLINE=1 to use the cache") from None
+    if not isinstance(data, datasets.DatasetDict):
+        raise InputError(f"{flag}: holds a single Dataset; expected a DatasetDict with a forget and a retain split "
+                         f"(DatasetDict({{'forget': ..., 'retain': ...}}).save_to_disk(DIR))")
+    if source.split not in data:
+        raise InputError(f"{flag}: no split '{source.split}' (it has {', '.join(data)}); set --forget_split / "
+                         f"--retain_split to the split names")
+    for number, row in enumerate(data[source.split], start=1):
+        yield number, row
+
+
 def _read_rows(path):
-    """Yield (line_number, row dict) from a .jsonl or .parquet file, with one-line errors naming file and line."""
+    """Yield (line_number, row dict) from a .jsonl or .parquet file (or a DatasetSplit), with one-line errors
+    naming file and line."""
+    if isinstance(path, DatasetSplit):
+        yield from _dataset_rows(path)
+        return
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory; give the .jsonl or .parquet file in it")
     if not os.path.isfile(path):
@@ -128,8 +175,15 @@ def find_split_file(data_dir, split):
     raise InputError(f"{data_dir}: no {split}.jsonl or {split}.parquet in this directory")
 
 
-def resolve_data_files(data_dir=None, forget_file=None, retain_file=None):
-    """Explicit files win over ``data_dir``; returns (forget_path, retain_path), either may be None."""
+def resolve_data_files(data_dir=None, forget_file=None, retain_file=None, dataset_name="", dataset_config="",
+                       forget_split="forget", retain_split="retain"):
+    """Explicit files win over ``data_dir`` or ``dataset_name`` (a DatasetSplit each); returns (forget, retain),
+    either may be None."""
+    if dataset_name:
+        if data_dir:
+            raise InputError(f"--data_dir {data_dir} and --dataset_name {dataset_name}: give one of them")
+        return (forget_file or DatasetSplit(dataset_name, dataset_config, forget_split),
+                retain_file or DatasetSplit(dataset_name, dataset_config, retain_split))
     if data_dir and not os.path.isdir(data_dir):
         raise InputError(f"--data_dir {data_dir}: directory not found; check the path")
     if data_dir:

@@ -86,6 +86,13 @@ class DataArguments:
                                                    "data_dir's."})
     retain_file: str = field(default="", metadata={"help": "Retain set file (.jsonl/.parquet); overrides "
                                                    "data_dir's."})
+    dataset_name: str = field(default="", metadata={
+        "help": "Instead of --data_dir: a Hugging Face dataset with forget and retain splits, as a Hub id or a local "
+                "dir written by DatasetDict.save_to_disk (rows with id, input, output, task, checked like files)."})
+    dataset_config: str = field(default="", metadata={"help": "--dataset_name's configuration name, if it has "
+                                                      "several."})
+    forget_split: str = field(default="forget", metadata={"help": "--dataset_name's split to forget."})
+    retain_split: str = field(default="retain", metadata={"help": "--dataset_name's split to retain."})
     max_length: int = field(default=512, metadata={"help": "Max tokens per example; long prompts lose tokens "
                                                    "from the left, never the answer's start."})
     loss_on: str = field(default="output", metadata={
@@ -337,6 +344,17 @@ def load_idk_responses(path):
     return responses
 
 
+DATA_OPTIONS = ("data_dir", "dataset_name", "dataset_config", "forget_split", "retain_split", "forget_file",
+                "retain_file")  # train.py's and evaluate.py's: where the forget and retain rows come from
+
+
+def data_sources(data_args):
+    """(forget, retain): file paths, or DatasetSplit of --dataset_name; either may be None."""
+    return resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file,
+                              data_args.dataset_name, data_args.dataset_config, data_args.forget_split,
+                              data_args.retain_split)
+
+
 def build_examples(tokenizer, data_args, train_args):
     """Tokenised examples per batch kind: {'retain': [...], 'forget': [...], 'idk': [...]} (kinds in use only).
 
@@ -345,7 +363,7 @@ def build_examples(tokenizer, data_args, train_args):
     """
     from augment import augment_records
 
-    forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
+    forget_path, retain_path = data_sources(data_args)
     records = {}
     if forget_path and (train_args.forget_loss != "none" or data_args.idk_responses):
         forget = load_records(forget_path)
@@ -528,7 +546,7 @@ def load_dev_slice(data_args, train_args, calibration_rows):
     """(forget rows, retain rows, member documents, nonmember documents, MMLU questions) for --eval_steps."""
     from evaluate import load_mmlu
 
-    forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
+    forget_path, retain_path = data_sources(data_args)
     limit = train_args.eval_rows or None
     forget = load_records(forget_path)[:limit] if forget_path else []
     retain = load_records(retain_path)[:limit] if retain_path else []
@@ -837,7 +855,7 @@ def setup_run(model_args, data_args, train_args):
     from transformers import get_scheduler, set_seed
 
     check_arguments(model_args, data_args, train_args)
-    forget_path, retain_path = resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file)
+    forget_path, retain_path = data_sources(data_args)
     check_output_dir(train_args.output_dir, [model_args.model_name_or_path, data_args.data_dir, forget_path,
                                              retain_path, train_args.calibration_file], train_args.overwrite_output_dir,
                      DONE_MARKER)
@@ -1243,9 +1261,9 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
         lines.append(f"last steps: {losses}")
     model = out if model_args.lora_r == 0 or model_args.merge_lora else \
         f"{model_args.model_name_or_path} --adapter {os.path.join(out, 'adapter')}"
-    data = f"--data_dir {data_args.data_dir}" if data_args.data_dir else " ".join(
-        f"--{name} {value}" for name, value in (("forget_file", data_args.forget_file),
-                                                ("retain_file", data_args.retain_file)) if value)
+    # the same data, as evaluate.py's flags (it takes the same data options)
+    data = " ".join(f"--{name} {getattr(data_args, name)}" for name in DATA_OPTIONS
+                    if getattr(data_args, name) and (data_args.dataset_name or not name.endswith("_split")))
     lines.append(f"next: python evaluate.py --model_name_or_path {model} {data} --mia_data_dir MIA "
                  f"--output_dir {os.path.join(out, 'eval')}   (MIA: member.jsonl + nonmember.jsonl; omit to skip)")
     return "\n".join(lines)
@@ -1296,7 +1314,8 @@ HELP_GROUPS = {
     "model": ["model_name_or_path", "torch_dtype", "trust_remote_code", "gradient_checkpointing", "load_in_8bit",
               "load_in_4bit"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"],
-    "data": ["data_dir", "forget_file", "retain_file", "max_length", "loss_on", "augment", "augment_retain",
+    "data": ["data_dir", "dataset_name", "dataset_config", "forget_split", "retain_split", "forget_file",
+             "retain_file", "max_length", "loss_on", "augment", "augment_retain",
              "idk_responses", "idk_file"],
     "objective": ["forget_loss", "retain_loss", "alpha", "nll_floor", "npo_beta"],
     "calibrated forgetting": ["calibration_file", "calibration_margin", "calibration_on"],

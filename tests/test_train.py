@@ -375,3 +375,50 @@ def test_an_unreachable_hub_is_one_line_with_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     modeling.check_hub_reachable("someone/some-model")
     assert len(tries) == 1
+
+
+def test_dataset_name_from_a_local_dataset_dir_trains_like_the_same_rows_in_files(tmp_path, tiny_model_dir):
+    """--dataset_name DIR (DatasetDict.save_to_disk, split names as the LUME Hub release's) gives the adapter the
+    same rows as JSONL files give; its rows get the same checks, with one-line errors."""
+    import datasets
+    from safetensors.torch import load_file
+
+    import evaluate
+
+    data = make_unlearning_data(tmp_path / "data", n_docs=2)
+    splits = {f"{split}_train": datasets.Dataset.from_list(
+        [{"id": r.id, "input": r.input, "output": r.output, "task": r.task}
+         for r in load_records(os.path.join(data, f"{split}.jsonl"))]) for split in ("forget", "retain")}
+    dataset_dir = str(tmp_path / "lume")
+    datasets.DatasetDict(splits).save_to_disk(dataset_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--model_name_or_path", tiny_model_dir, "--num_train_epochs", "1", "--no_merge_lora",
+              "--report_to", "none"]
+    from_files = run_train_cli(*common, "--data_dir", data, "--output_dir", str(tmp_path / "files"), env=env)
+    assert from_files.returncode == 0, from_files.stderr[-2000:]
+    split_flags = ["--forget_split", "forget_train", "--retain_split", "retain_train"]
+    from_dataset = run_train_cli(*common, "--dataset_name", dataset_dir, *split_flags,
+                                 "--output_dir", str(tmp_path / "dataset"), env=env)
+    assert from_dataset.returncode == 0, from_dataset.stderr[-2000:]
+    assert f"--dataset_name {dataset_dir} --forget_split forget_train" in from_dataset.stdout  # the next command
+    a = load_file(str(tmp_path / "files" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "dataset" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--dataset_name", dataset_dir, *split_flags,
+                             "--max_new_tokens", "4", "--torch_dtype", "float32",
+                             "--output_dir", str(tmp_path / "eval")])
+    assert results["forget-set"]["overall-regurgitation-score"] is not None
+
+    bad_dir = str(tmp_path / "bad")
+    rows = splits["forget_train"].to_list()
+    del rows[1]["task"]
+    datasets.DatasetDict({"forget": datasets.Dataset.from_list(rows[1:] + rows[:1]),
+                          "retain": splits["retain_train"]}).save_to_disk(bad_dir)
+    for flags, message in ((["--dataset_name", dataset_dir], f"--dataset_name {dataset_dir}: no split 'forget' "
+                                                             f"(it has forget_train, retain_train)"),
+                           (["--dataset_name", bad_dir], f"{bad_dir}[forget]:1: missing field 'task'"),
+                           (["--dataset_name", str(tmp_path / "data")], "not a dataset saved with save_to_disk"),
+                           (["--dataset_name", dataset_dir, "--data_dir", data], "give one of them")):
+        bad = run_train_cli(*common, *flags, "--output_dir", str(tmp_path / "refused"), env=env)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1500:]
+        assert not (tmp_path / "refused").exists()
