@@ -100,6 +100,12 @@ def comparison_table(named_results):
     for name, results in named_results:
         cells = [name] + [cell(value) for _, value in score_columns(results)]
         lines.append("| " + " | ".join(cells) + " |")
+    partial = [(name, scoring.missing_final_parts(results)) for name, results in named_results
+               if scoring.is_partial(results)]
+    if partial:
+        lines += ["", "No official final score (a part did not run; the mean of fewer parts is on another scale, "
+                  "so do not rank these beside full runs): " +
+                  "; ".join(f"{name} (no {', no '.join(missing)})" for name, missing in partial)]
     attacks = attack_table(named_results)
     if attacks:
         lines += ["", "MIA attacks (AUC: members positive, 0.5 = members look like nonmembers; score = "
@@ -124,10 +130,11 @@ def plot_comparison(named_results, path):
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(metrics) * max(1, len(named_results) / 3)), 4))
     for i, (name, results) in enumerate(named_results):
         values = [getter(results) for _, getter in metrics]
-        ax.bar([m + (i - (len(named_results) - 1) / 2) * width for m in range(len(metrics))],
-               [v if v is not None else 0 for v in values], width=width, label=name)
+        bars = ax.bar([m + (i - (len(named_results) - 1) / 2) * width for m in range(len(metrics))],
+                      [v if v is not None else 0 for v in values], width=width, label=name)
+        ax.bar_label(bars, [f"{v:.2f}" if v is not None else "n/a" for v in values], fontsize=6, padding=1)
     ax.set_xticks(range(len(metrics)), [label for label, _ in metrics], rotation=20, fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)
     ax.set_title("forget: lower is better; everything else: higher is better")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -44,7 +44,8 @@ EVAL_DONE = "evaluation_results.json"  # evaluate.py writes it last
 TIMINGS = "timings.json"
 TASKS = ("Task1", "Task2", "Task3")
 KINDS = (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge"))
-CURVE_TAGS = ("loss/forget", "loss/retain", "loss/idk", "nll/forget", "nll/retain", "nll/idk")
+CURVE_TAGS = ("loss/forget", "loss/retain", "loss/idk", "loss/mixed", "nll/forget", "nll/retain", "nll/idk",
+              "nll/mixed")  # mixed: --schedule chunked, forget and retain rows in one batch
 
 
 @dataclass
@@ -440,16 +441,19 @@ def plot_scores(names, results, path):
     for ax, split in zip(axes[:2], ("forget", "retain")):
         for i, (name, r) in enumerate(zip(names, results)):
             values = [score(r, split, task, key) for task in TASKS for key, _ in KINDS]
-            ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(labels))],
-                   [v or 0 for v in values], width, label=name)
+            bars = ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(labels))],
+                          [v or 0 for v in values], width, label=name)
+            ax.bar_label(bars, [f"{v:.2f}" if v is not None else "n/a" for v in values], fontsize=5, padding=1)
         ax.set_xticks(range(len(labels)), [f"Task{label}" for label in labels], fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.12)
         ax.set_title(f"{split} set: " + ("lower is better after unlearning" if split == "forget"
                                         else "higher is better"))
     axes[0].legend(fontsize=8)
     ax = axes[2]
     for i, (name, r) in enumerate(zip(names, results)):
-        ax.bar(i, (r or {}).get("mia_loss_acc") or 0, 0.8, color=f"C{i}")
+        auc = (r or {}).get("mia_loss_acc")
+        bars = ax.bar(i, auc or 0, 0.8, color=f"C{i}")
+        ax.bar_label(bars, [f"{auc:.2f}" if auc is not None else "n/a"], fontsize=7, padding=1)
     ax.axhline(0.5, color="k", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, fontsize=8, rotation=30)
     ax.set_ylim(0, 1.05)
@@ -574,7 +578,8 @@ def build_report(run_dir, names, args=None, timings=None):
     curves = [read_curves(os.path.join(run_dir, train_dir_name(name))) for name in train_names]
     lines += ["## Training curves", "", "Per optimizer step, from the TensorBoard logs (`tensorboard --logdir "
               f"{run_dir}`): `loss/<kind>` is the optimised loss of that batch kind (for gradient interference "
-              "`alpha / NLL`, which falls as the forget NLL rises), `nll/<kind>` its mean answer-token NLL.", ""]
+              "`alpha / NLL`, which falls as the forget NLL rises), `nll/<kind>` its mean answer-token NLL; kind `mixed` "
+              "is a chunked-schedule batch of forget and retain rows together.", ""]
     if curves:
         lines += ["![training curves](curves.png)", ""]
         summary_rows = []

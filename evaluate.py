@@ -647,28 +647,51 @@ def load_predictions(predictions_dir):
     return tables
 
 
-def plot_scores(results, path):
-    """Bar chart of per-task regurgitation and knowledge, forget vs retain."""
+def score_figure(results):
+    """The figure of scores.png: bars of per-task regurgitation and knowledge (forget, retain) and of the final score's parts (task aggregate,
+    MIA score, MMLU, final), each bar labelled with its value; a part that did not run is labelled so, not drawn
+    as 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def labelled_bars(ax, positions, values, missing, **kwargs):
+        bars = ax.bar(positions, [v if v is not None else 0 for v in values], **kwargs)
+        ax.bar_label(bars, [f"{v:.2f}" if v is not None else missing for v in values], fontsize=7, padding=1)
+
     splits = [split for split in scoring.SPLITS if f"{split}-set" in results]
-    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5 * len(splits) + 4, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [5] * len(splits) + [4]})
     for ax, split in zip(axes[0], splits):
         block = results[f"{split}-set"]
         for offset, (_, key) in zip((-0.2, 0.2), scoring.KINDS):
             values = [(block.get(task) or {}).get(key) for task in records.TASKS]
-            ax.bar([i + offset for i in range(len(records.TASKS))], [v if v is not None else 0 for v in values],
-                   width=0.4, label=key.replace("-score", ""))
+            labelled_bars(ax, [i + offset for i in range(len(records.TASKS))], values, "no rows", width=0.4,
+                          label=key.replace("-score", ""))
         ax.set_xticks(range(len(records.TASKS)), records.TASKS)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.3)
         ax.set_title(f"{split} set (lower is better)" if split == "forget" else f"{split} set (higher is better)")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper center", ncol=2, fontsize=8)
     label, score = scoring.final_score_label(results)
-    fig.suptitle(f"{label}: " + (f"{score:.3f}" if score is not None else "n/a"))
+    parts = [(name, results.get(key)) for key, name in scoring.FINAL_PARTS] + [(label.split(" (")[0], score)]
+    ax = axes[0][-1]
+    labelled_bars(ax, range(len(parts)), [value for _, value in parts], "not run",
+                  color=[f"C{i + 2}" for i in range(len(parts))])
+    ax.set_xticks(range(len(parts)), [name.replace("task aggregate", "task agg.") for name, _ in parts], fontsize=8)
+    ax.set_ylim(0, 1.3)
+    ax.set_title("final score's parts (higher is better)")
+    note = scoring.partial_note(results)
+    fig.suptitle(f"{label}: " + (f"{score:.3f}" if score is not None else "n/a") + (f"   ({note})" if note else ""),
+                 fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_scores(results, path):
+    import matplotlib.pyplot as plt
+
+    fig = score_figure(results)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -706,7 +729,8 @@ def summary_lines(results):
     lines = []
     for key in ("harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average"):
         if results.get(key) is not None:
-            lines.append(f"{key:30s} {results[key]:.4f}")
+            note = scoring.task_aggregate_note(results) if key == "harmonic-mean-task-aggregate" else ""
+            lines.append(f"{key:30s} {results[key]:.4f}" + (f"   ({note})" if note else ""))
     for name in mia.ATTACKS:
         auc_key, score_key = mia.result_keys(name)
         if results.get(auc_key) is not None:
@@ -715,8 +739,7 @@ def summary_lines(results):
     if score is not None and label == "final score":
         lines.append(f"{'aggregate-score':30s} {score:.4f}")
     elif score is not None:
-        lines.append(f"{'partial-aggregate-score':30s} {score:.4f}   ({label}: not the official final score, "
-                     f"which needs all three parts)")
+        lines.append(f"{'partial-aggregate-score':30s} {score:.4f}   ({scoring.partial_note(results)})")
     if results.get("skipped-terms"):
         lines.append(f"skipped terms (no rows): {', '.join(results['skipped-terms'])}")
     return lines

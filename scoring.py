@@ -165,6 +165,66 @@ def final_score_label(results):
     return f"partial score (no {', no '.join(missing)})", value
 
 
+def _and_join(words):
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def is_partial(results):
+    """True when the final score is not the official one: some part (task aggregate, MIA, MMLU) did not run."""
+    return bool(missing_final_parts(results))
+
+
+def partial_note(results):
+    """'' for an official final score, else what is missing in words, e.g. 'partial: MMLU not run; not comparable
+    with the leaderboard's final score' (the mean of fewer parts is on another scale than the mean of three)."""
+    missing = missing_final_parts(results)
+    if not missing:
+        return ""
+    return f"partial: {_and_join(missing)} not run; not comparable with the leaderboard's final score"
+
+
+def term_label(name):
+    """'retain/Task2/knowledge-score' -> 'retain Task2 knowledge' (the wording of the summary and the table)."""
+    split, task, key = name.split("/")
+    return f"{split} {task} {key.replace('-score', '')}"
+
+
+def task_terms(results):
+    """The task aggregate's terms of a results dict as (name, value), recomputed from its forget-set/retain-set
+    blocks, so a results file of any age gives them."""
+    terms, _ = aggregated_terms(results.get("forget-set"), results.get("retain-set"))
+    return terms
+
+
+def zero_terms(results):
+    """Names of the terms that are 0: any one of them makes the harmonic mean, the task aggregate, 0."""
+    return [name for name, value in task_terms(results) if value == 0]
+
+
+def lowest_term(results):
+    """(name, value) of the smallest term, the one that pulls the harmonic mean down most; None without terms."""
+    terms = task_terms(results)
+    return min(terms, key=lambda term: term[1]) if terms else None
+
+
+def task_aggregate_note(results):
+    """Which terms explain the task aggregate, in words: every zero term, else the lowest one; '' without terms.
+    A forget term is 1 - score, so a forget term of 0 is a score of 1 (nothing forgotten): said so, since the raw
+    score shown everywhere else is then 1, not 0."""
+    def describe(name):
+        return term_label(name) + (" (score 1: nothing forgotten)" if name.startswith("forget/") else "")
+
+    zeros = zero_terms(results)
+    if zeros:
+        return "zero terms: " + "; ".join(describe(name) for name in zeros)
+    lowest = lowest_term(results)
+    if lowest is None:
+        return ""
+    name, value = lowest
+    return f"lowest term: {term_label(name)} {value:.4f}" + (" (1 - score)" if name.startswith("forget/") else "")
+
+
 def length_breakdown(rows, threshold):
     """Mean regurgitation of sc rows whose expected output has <= threshold words (short) vs more (long)."""
     short = [r["rouge_l_recall"] for r in rows if record_kind(r["id"]) == "sc"

@@ -100,12 +100,17 @@ def test_training_curves_from_tensorboard_events(tmp_path):
         writer.add_scalar(f"loss/{kind}", value, step)
         writer.add_scalar(f"nll/{kind}", 1 / value if kind == "forget" else value, step)
     writer.close()
+    writer = SummaryWriter(str(tmp_path / "unlearn-recommended" / "runs" / "recommended"))
+    for step, value in enumerate([0.5, 0.25], 1):  # --schedule chunked: one 'mixed' kind
+        writer.add_scalar("nll/mixed", value, step)
+    writer.close()
     curves = demo.read_curves(str(tmp_path / "unlearn-paper"))
     assert curves["loss/forget"] == [(2, pytest.approx(0.4)), (4, pytest.approx(0.125))]
     assert curves["nll/forget"][-1] == (4, pytest.approx(8.0))
     write_results(tmp_path, "target", fake_results({"forget": 0.9, "retain": 0.9}, {"forget": 0.9, "retain": 0.9}))
-    report = open(demo.build_report(str(tmp_path), ["target", "paper"])).read()
+    report = open(demo.build_report(str(tmp_path), ["target", "paper", "recommended"])).read()
     assert "| paper | nll/forget | 2 | 2.500 | 8.000 |" in report
+    assert "| recommended | nll/mixed | 2 | 0.500 | 0.250 |" in report
     with open(tmp_path / "curves.png", "rb") as f:
         assert f.read(8) == PNG_MAGIC
 

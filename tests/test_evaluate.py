@@ -192,8 +192,39 @@ def test_final_score_only_when_all_three_parts_ran():
     assert results["final_score_parts"] == ["harmonic-mean-task-aggregate", "mia_final_score"]
     assert results["partial-aggregate-score"] == pytest.approx((0.5 + 0.0) / 2)  # 1 - 0.5 recall; AUC 1 -> 0
     lines = evaluate.summary_lines(results)
-    assert any(line.startswith("partial-aggregate-score") and "no MMLU" in line for line in lines)
+    assert any(line.startswith("partial-aggregate-score") and "MMLU not run" in line and "not comparable" in line
+               for line in lines)
     assert not any(line.startswith("aggregate-score") for line in lines)
+    # the harmonic mean's smallest term is named: forget Task1 regurgitation recall 0.5 -> term 1 - 0.5
+    assert any(line.startswith("harmonic-mean-task-aggregate") and
+               "lowest term: forget Task1 regurgitation 0.5000 (1 - score)" in line for line in lines)
+
+
+def test_summary_names_the_terms_that_make_the_task_aggregate_zero():
+    """One forget row reproduced word for word (recall 1 -> term 1 - 1 = 0) makes the harmonic mean 0: said so."""
+    row = {"id": "asc1", "task": "Task1", "input": "a", "expected_output": "b c", "model_output": "b c"}
+    qa = {"id": "bqa1", "task": "Task2", "input": "q", "expected_output": "x", "model_output": "y"}
+    results = evaluate.compute_results({"forget": [row, qa], "retain": [dict(row, id="csc1")]})
+    assert results["harmonic-mean-task-aggregate"] == 0
+    line = next(line for line in evaluate.summary_lines(results) if line.startswith("harmonic-mean-task-aggregate"))
+    assert line.endswith("(zero terms: forget Task1 regurgitation (score 1: nothing forgotten))")
+    retain_zero = evaluate.compute_results({"forget": [qa], "retain": [dict(qa, id="dqa1")]})  # retain EM 0
+    assert scoring.zero_terms(retain_zero) == ["retain/Task2/knowledge-score"]
+    assert "zero terms: retain Task2 knowledge" in evaluate.summary_lines(retain_zero)[0]
+
+
+def test_scores_figure_labels_every_bar_and_shows_the_final_parts():
+    row = {"id": "asc1", "task": "Task1", "input": "a", "expected_output": "b c", "model_output": "b"}
+    results = evaluate.compute_results({"forget": [row], "retain": [dict(row, id="csc1", model_output="b c")],
+                                        "mia": [{"set": "member", "id": "m", "loss": 1.0},
+                                                {"set": "nonmember", "id": "n", "loss": 2.0}]})
+    forget, retain, parts = evaluate.score_figure(results).axes
+    labels = [[text.get_text() for text in ax.texts] for ax in (forget, retain, parts)]
+    # forget Task1: regurgitation 0.5, knowledge has no rows; retain Task1 regurgitation 1
+    assert labels[0][:3] == ["0.50", "no rows", "no rows"] and labels[1][0] == "1.00"
+    # task aggregate: harmonic mean of 1 - 0.5 and 1 = 2/3; MIA AUC 1 -> score 0; no MMLU; partial mean 1/3
+    assert labels[2] == ["0.67", "0.00", "not run", "0.33"]
+    assert [tick.get_text() for tick in parts.get_xticklabels()] == ["task agg.", "MIA", "MMLU", "partial score"]
 
 
 def test_clean_up_tokenization_matches_transformers_4():
