@@ -166,6 +166,13 @@ class TrainArguments:
     max_train_minutes: float = field(default=0.0, metadata={"help": "Time budget for this invocation (load, train, "
                                                             "save): stop early enough to save the final model "
                                                             "in time; 0 = none."})
+    push_to_hub: bool = field(default=False, metadata={"help": "When the run finishes, upload output_dir (model, "
+                                                       "adapter, model card, train_config.yaml; no checkpoints) to "
+                                                       "the Hub as --hub_model_id (needs `hf auth login` or "
+                                                       "HF_TOKEN)."})
+    hub_model_id: str = field(default="", metadata={"help": "Hub repo id (USER/NAME) for --push_to_hub; default: "
+                                                    "output_dir's name under your account."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "--push_to_hub: create the repo as private."})
     batch_log: bool = field(default=False, metadata={"help": "Write every micro-batch's step, kind and record ids "
                                                      "to output_dir/batch_log/rank<N>.jsonl (audits the schedule)."})
     # calibrated forgetting
@@ -247,6 +254,8 @@ class TrainArguments:
             raise ValueError("--save_steps, --save_minutes and --max_train_minutes must be >= 0")
         if self.save_total_limit < 1:
             raise ValueError(f"--save_total_limit {self.save_total_limit}: must be >= 1")
+        if (self.hub_model_id or self.hub_private_repo) and not self.push_to_hub:
+            raise ValueError("--hub_model_id / --hub_private_repo: add --push_to_hub (they only name its repo)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule}: expected one of {', '.join(SCHEDULES)}")
         if min(self.retain_per_forget, self.epochs_per_chunk) < 1 or self.forget_chunk_size < 0:
@@ -1192,6 +1201,7 @@ def load_checkpoint(accelerator, checkpoint, state):
 
 def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary, provenance_record=None):
     """adapter/ (peft), the merged model + tokenizer (safetensors) and train_config.yaml, published atomically."""
+    from model_card import build_card, push_to_hub, write_card
     from modeling import merge_adapter, publish
 
     accelerator.wait_for_everyone()
@@ -1233,12 +1243,16 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
         zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin else None
         launch = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
                   "mixed_precision": accelerator.mixed_precision, "zero_stage": zero_stage}
+        run_record = {"config": config, "result": summary, "launch": launch, "provenance": record}
+        write_card(build_card(run_record), staging)
         with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
-            yaml.safe_dump({"config": config, "result": summary, "launch": launch, "provenance": record}, f,
-                           sort_keys=False)
+            yaml.safe_dump(run_record, f, sort_keys=False)
         publish(staging, train_args.output_dir, last=DONE_MARKER)
         accelerator.print(closing_block(model_args, data_args, train_args, summary, config["run_name"]))
     accelerator.wait_for_everyone()
+    if train_args.push_to_hub and accelerator.is_main_process:  # after the barrier: a failed upload hangs no one
+        repo_id = train_args.hub_model_id or os.path.basename(os.path.normpath(train_args.output_dir))
+        accelerator.print(f"uploaded to {push_to_hub(train_args.output_dir, repo_id, train_args.hub_private_repo)}")
 
 
 def closing_block(model_args, data_args, train_args, summary, run_name):
@@ -1252,6 +1266,7 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
                      f"(from_pretrained('{out}'))")
     lines.append(f"  {os.path.join(out, DONE_MARKER)}: options, result and provenance "
                  f"(train.py {os.path.join(out, DONE_MARKER)} --output_dir NEW reruns it)")
+    lines.append(f"  {os.path.join(out, 'README.md')}: the model card (the Hub shows it)")
     if {"tensorboard", "all"} & {name.strip() for name in train_args.report_to.split(",")}:
         lines.append(f"  {os.path.join(out, 'runs', run_name)}: TensorBoard logs "
                      f"(tensorboard --logdir {os.path.join(out, 'runs')})")
@@ -1266,6 +1281,8 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
                     if getattr(data_args, name) and (data_args.dataset_name or not name.endswith("_split")))
     lines.append(f"next: python evaluate.py --model_name_or_path {model} {data} --mia_data_dir MIA "
                  f"--output_dir {os.path.join(out, 'eval')}   (MIA: member.jsonl + nonmember.jsonl; omit to skip)")
+    lines.append(f"then: python model_card.py {out} --eval_dir {os.path.join(out, 'eval')}   (the scores into the "
+                 f"card; --push_to_hub --hub_model_id USER/NAME uploads it)")
     return "\n".join(lines)
 
 
@@ -1328,7 +1345,8 @@ HELP_GROUPS = {
                                                        "eval_batch_size", "eval_mmlu_dir", "eval_mmlu_limit",
                                                        "metric_for_best_model"],
     "runs: output, checkpoints, resume": ["output_dir", "overwrite_output_dir", "save_steps", "save_minutes",
-                                          "save_total_limit", "resume_from_checkpoint", "max_train_minutes"],
+                                          "save_total_limit", "resume_from_checkpoint", "max_train_minutes",
+                                          "push_to_hub", "hub_model_id", "hub_private_repo"],
     "logging": ["report_to", "logging_steps", "run_name", "batch_log"],
 }
 
