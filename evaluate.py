@@ -3,7 +3,7 @@ MMLU, and the official aggregate. Reproduces the organizers' final scorer, only 
 other membership inference attacks of mia.py (Min-K%, Min-K%++, zlib, reference model).
 
     python evaluate.py --model_name_or_path MODEL --data_dir DATA --mia_data_dir MIA --mmlu_dir MMLU --output_dir OUT
-    accelerate launch evaluate.py ...                      # rows sharded over processes, main process writes
+    accelerate launch -q evaluate.py ...                      # rows sharded over processes, main process writes
     python evaluate.py --predictions_dir OUT --output_dir OUT2   # recompute every metric from saved CSVs, no model
     python evaluate.py ... --exact                         # batch-1 strings and losses in bf16 too (slower)
 

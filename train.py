@@ -1,6 +1,6 @@
 """Unlearn a forget set from a causal LM while keeping a retain set (Sun & Li, SemEval-2025 Task 4).
 
-    accelerate launch train.py configs/paper.yaml --model_name_or_path MODEL --data_dir DATA --output_dir OUT
+    accelerate launch -q train.py configs/paper.yaml --model_name_or_path MODEL --data_dir DATA --output_dir OUT
 
 Multi-task loop, one loss kind per optimizer step: retain batches use next-token loss L_ntp, forget batches use
 gradient interference alpha / L_ntp (or a baseline objective), optional idk batches teach "I don't know" answers.
