@@ -32,7 +32,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from cli import InputError, parse_config, run_main
@@ -155,18 +154,11 @@ def augment_records(records, mode="both"):
 
 
 def write_jsonl(records, path):
-    """Write records atomically: a temp file in the same directory, then os.replace, so no half-written output."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            for r in records:
-                row = {"id": r.id, "input": r.input, "output": r.output, "task": r.task, "split": r.split}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    """Write records as JSONL, atomically (artefacts.write_atomic): no half-written output."""
+    from artefacts import write_atomic
+
+    write_atomic(path, "".join(json.dumps({"id": r.id, "input": r.input, "output": r.output, "task": r.task,
+                                           "split": r.split}, ensure_ascii=False) + "\n" for r in records))
 
 
 @dataclass

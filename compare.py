@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import mia
 import scoring
+from artefacts import RESULTS_FILE, save_figure, write_atomic
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
-RESULTS_FILE = "evaluation_results.json"
 KIND_KEYS = (("regurg", "regurgitation-score"), ("know", "knowledge-score"))
 SUMMARY_KEYS = (("task agg.", "harmonic-mean-task-aggregate"), ("MIA AUC", "mia_loss_acc"),
                 ("MIA score", "mia_final_score"), ("MMLU", "mmlu_average"))
@@ -138,20 +138,14 @@ def plot_comparison(named_results, path):
     ax.set_title("forget: lower is better; everything else: higher is better")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_comparison(named_results, output_dir):
-    """comparison.md and comparison.png in output_dir, each written to a temp file and renamed."""
-    os.makedirs(output_dir, exist_ok=True)
-    table_path = os.path.join(output_dir, "comparison.md")
-    with open(table_path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(comparison_table(named_results) + "\n")
-    os.replace(table_path + ".tmp", table_path)
-    plot_path = os.path.join(output_dir, "comparison.png")
-    plot_comparison(named_results, plot_path + ".tmp.png")
-    os.replace(plot_path + ".tmp.png", plot_path)
+    """comparison.md and comparison.png in output_dir, each written atomically."""
+    table_path, plot_path = os.path.join(output_dir, "comparison.md"), os.path.join(output_dir, "comparison.png")
+    write_atomic(table_path, comparison_table(named_results) + "\n")
+    plot_comparison(named_results, plot_path)
     return table_path, plot_path
 
 

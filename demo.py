@@ -24,10 +24,10 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
+from artefacts import CHECKPOINT_STATE, CHECKPOINTS_DIR, RESULTS_FILE, TRAIN_RECORD, save_figure, write_atomic
 from cli import InputError, parse_config, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -39,8 +39,6 @@ def here(*parts):
 
 
 DEFAULT_MODEL = here("models", "smollm2-135m-instruct")
-TRAIN_DONE = "train_config.yaml"  # train.py writes it last
-EVAL_DONE = "evaluation_results.json"  # evaluate.py writes it last
 TIMINGS = "timings.json"
 TASKS = ("Task1", "Task2", "Task3")
 KINDS = (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge"))
@@ -160,7 +158,7 @@ def train_command(args, has_gpu, config, model, data_dir, output_dir, run_name, 
                                          *flags]
     if needs_calibration(config):
         command += ["--calibration_file", calibration_file]
-    if glob.glob(os.path.join(output_dir, "checkpoints", "step-*", "trainer_state.json")):
+    if glob.glob(os.path.join(output_dir, CHECKPOINTS_DIR, "step-*", CHECKPOINT_STATE)):
         command += ["--resume_from_checkpoint", "latest"]  # an interrupted run that saved checkpoints
     return command
 
@@ -205,7 +203,7 @@ def plan(args, has_gpu=False):
                       "done": os.path.join(mia_dir, "nonmember.jsonl")})
     target = args.target_model or os.path.join(args.run_dir, "target")
     if not args.target_model:
-        steps.append({"name": "target", "kind": "train", "done": os.path.join(target, TRAIN_DONE),
+        steps.append({"name": "target", "kind": "train", "done": os.path.join(target, TRAIN_RECORD),
                       "command": train_command(args, has_gpu, args.target_config, args.model_name_or_path, data_dir,
                                                target, "target")})
     models = [("target", target, None)] + [(name, os.path.join(args.run_dir, train_dir_name(name)), config)
@@ -217,11 +215,11 @@ def plan(args, has_gpu=False):
                 raise InputError(f"{config} calibrates its forgetting on held-out rows: no {calibration}; pass "
                                  f"--calibration_file (rows in the forget-set format, never trained)")
             flags = shlex.split(args.unlearn_flags) if config == args.unlearn_config else []
-            steps.append({"name": f"unlearn-{name}", "kind": "train", "done": os.path.join(model, TRAIN_DONE),
+            steps.append({"name": f"unlearn-{name}", "kind": "train", "done": os.path.join(model, TRAIN_RECORD),
                           "command": train_command(args, has_gpu, config, target, data_dir, model, name,
                                                    calibration, flags)})
         out = os.path.join(args.run_dir, f"eval-{name}")
-        steps.append({"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, EVAL_DONE),
+        steps.append({"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, RESULTS_FILE),
                       "command": eval_command(args, has_gpu, model, data_dir, mia_dir, out)})
     for step in steps:
         step.setdefault("finished", os.path.exists(step["done"]))
@@ -237,16 +235,6 @@ def train_dir_name(name):
 
 
 # --- running ------------------------------------------------------------------------------------------------------
-
-def write_atomic(path, data):
-    """Write text or bytes to a temp file beside ``path``, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
 
 def load_timings(run_dir):
     path = os.path.join(run_dir, TIMINGS)
@@ -348,7 +336,7 @@ def run_pipeline(args):
 # --- report -------------------------------------------------------------------------------------------------------
 
 def load_results(run_dir, name):
-    path = os.path.join(run_dir, f"eval-{name}", EVAL_DONE)
+    path = os.path.join(run_dir, f"eval-{name}", RESULTS_FILE)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -505,17 +493,6 @@ def plot_by_length(names, results, path):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def markdown_table(header, rows):

@@ -27,9 +27,9 @@ import cli
 import mia
 import records
 import scoring
+from artefacts import RESULTS_FILE
 from cli import InputError
 
-RESULTS_FILE = "evaluation_results.json"
 ROW_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "rouge_l_recall", "exact_match"]
 MIA_COLUMNS = ["set", "id", "loss"]
 # Per-document statistics of the other attacks (mia.py); optional, so CSVs of older runs still rescore.
@@ -262,7 +262,6 @@ class _DecodingBatch:
 
     @classmethod
     def prefill(cls, model, rows, encoded, pad_id, device):
-        import torch
         from transformers import DynamicCache
 
         padded = records.pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="left")
@@ -689,18 +688,16 @@ def score_figure(results):
 
 
 def plot_scores(results, path):
-    import matplotlib.pyplot as plt
+    from artefacts import save_figure
 
-    fig = score_figure(results)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(score_figure(results), path)
 
 
 def write_outputs(results, tables, output_dir):
     """Write everything to a staging dir beside output_dir, then publish it with the json last."""
     import pandas as pd
 
-    from modeling import publish
+    from artefacts import publish
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)

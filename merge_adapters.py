@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from cli import InputError, parse_config, run_main
-from modeling import DTYPES, check_output_dir, load_model, load_tokenizer, publish
+from artefacts import publish
+from modeling import DTYPES, check_output_dir, load_model, load_tokenizer
 
 MERGE_MARKER = "merge_config.yaml"  # written last: its presence means the merge finished
 # peft's names; the *svd ones merge full deltas and re-factorise them, the others merge the A and B factors

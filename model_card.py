@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 import yaml
 
 import scoring
+from artefacts import CHECKPOINTS_DIR, MODEL_CARD, RESULTS_FILE, TRAIN_RECORD, write_atomic
 from cli import InputError, parse_config, run_main
 
-CARD_FILE = "README.md"
-TRAIN_RECORD = "train_config.yaml"  # train.py's DONE_MARKER
-RESULTS_FILE = "evaluation_results.json"  # evaluate.py's
 # what never goes to the Hub: resumable checkpoints, half-written dirs
-UPLOAD_IGNORE = ["checkpoints/*", ".incomplete-*", ".tmp*", "*.tmp"]
+UPLOAD_IGNORE = [f"{CHECKPOINTS_DIR}/*", ".incomplete-*", ".tmp*", "*.tmp"]
 
 METHODS = {"gi": "gradient interference, alpha / L_ntp on the forget answers (Sun & Li, 2025, eq. 2)",
            "gi2": "squared gradient interference, (alpha / L_ntp)^2 on the forget answers",
@@ -57,7 +55,7 @@ def _scores_section(results):
                  for task in ("Task1", "Task2", "Task3")]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     aggregate_note = scoring.task_aggregate_note(results)
-    return lines + ([f"", f"Task aggregate: {aggregate_note}."] if aggregate_note else []) + [""]
+    return lines + (["", f"Task aggregate: {aggregate_note}."] if aggregate_note else []) + [""]
 
 
 def is_hub_id(name):
@@ -98,7 +96,7 @@ def build_card(record, results=None):
     if config.get("calibration_file"):
         lines.append(f"- calibrated forgetting: each forget row's NLL driven to held-out rows' level "
                      f"(`{config['calibration_file']}`, margin {config.get('calibration_margin')}); no further")
-    lines.append(f"- weights: " + (f"LoRA r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, modules "
+    lines.append("- weights: " + (f"LoRA r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, modules "
                                    f"{config.get('lora_target_modules')}" + (", merged" if merged else ", adapter in "
                                                                              "adapter/")
                                    if config.get("lora_r") else "full fine-tuning"))
@@ -153,10 +151,9 @@ def read_results(eval_dir):
 
 
 def write_card(card, directory):
-    """README.md in directory, written to a temp file and renamed."""
-    path = os.path.join(directory, CARD_FILE)
-    card.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """README.md (the card) in directory, atomically."""
+    path = os.path.join(directory, MODEL_CARD)
+    write_atomic(path, str(card))
     return path
 
 

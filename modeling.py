@@ -1,7 +1,6 @@
 """Load, adapt and save causal LMs: a local dir or hub id, LoRA via peft, optional 8/4-bit base, atomic saving."""
 
 import os
-import shutil
 
 import torch
 
@@ -172,18 +171,3 @@ def check_output_dir(output_dir, input_paths, overwrite=False, done_marker=None,
     if done_marker and os.path.exists(os.path.join(output_dir, done_marker)) and not overwrite:
         raise InputError(f"--output_dir {output_dir}: already holds a finished run ({done_marker}); "
                          f"pass --overwrite_output_dir or choose another directory")
-
-
-def publish(staging_dir, output_dir, last=None):
-    """Move every entry of a finished staging dir into output_dir (entry ``last`` moved last), then remove it.
-
-    A reader that waits for ``last`` (the completion marker) never sees a half-written result.
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    names = sorted(os.listdir(staging_dir), key=lambda name: name == last)
-    for name in names:
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging_dir, name), target)
-    shutil.rmtree(staging_dir, ignore_errors=True)

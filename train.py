@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD
 from cli import InputError, parse_config, preset_path, run_main
 from modeling import DTYPES
 from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
@@ -29,8 +30,6 @@ from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, bat
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DONE_MARKER = "train_config.yaml"  # written last: its presence means the run finished
-CHECKPOINT_STATE = "trainer_state.json"  # step counters and data position, written last into a checkpoint
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a checkpoint was saved, nothing requeues it
 AUGMENT_MODES = ("none", "segments", "recombine", "both")
@@ -867,7 +866,7 @@ def setup_run(model_args, data_args, train_args):
     forget_path, retain_path = data_sources(data_args)
     check_output_dir(train_args.output_dir, [model_args.model_name_or_path, data_args.data_dir, forget_path,
                                              retain_path, train_args.calibration_file], train_args.overwrite_output_dir,
-                     DONE_MARKER)
+                     TRAIN_RECORD)
     checkpoint = find_checkpoint(train_args.output_dir, train_args.resume_from_checkpoint)
     if checkpoint is None and list_checkpoints(train_args.output_dir) and not train_args.overwrite_output_dir:
         raise InputError(f"--output_dir {train_args.output_dir}: holds checkpoints of an unfinished run; pass "
@@ -1202,7 +1201,8 @@ def load_checkpoint(accelerator, checkpoint, state):
 def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary, provenance_record=None):
     """adapter/ (peft), the merged model + tokenizer (safetensors) and train_config.yaml, published atomically."""
     from model_card import build_card, push_to_hub, write_card
-    from modeling import merge_adapter, publish
+    from artefacts import publish
+    from modeling import merge_adapter
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -1245,9 +1245,9 @@ def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_arg
                   "mixed_precision": accelerator.mixed_precision, "zero_stage": zero_stage}
         run_record = {"config": config, "result": summary, "launch": launch, "provenance": record}
         write_card(build_card(run_record), staging)
-        with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, TRAIN_RECORD), "w", encoding="utf-8") as f:
             yaml.safe_dump(run_record, f, sort_keys=False)
-        publish(staging, train_args.output_dir, last=DONE_MARKER)
+        publish(staging, train_args.output_dir, last=TRAIN_RECORD)
         accelerator.print(closing_block(model_args, data_args, train_args, summary, config["run_name"]))
     accelerator.wait_for_everyone()
     if train_args.push_to_hub and accelerator.is_main_process:  # after the barrier: a failed upload hangs no one
@@ -1264,9 +1264,9 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
     if model_args.lora_r == 0 or model_args.merge_lora:
         lines.append(f"  {out}: the {'merged ' if model_args.lora_r > 0 else ''}model and tokenizer "
                      f"(from_pretrained('{out}'))")
-    lines.append(f"  {os.path.join(out, DONE_MARKER)}: options, result and provenance "
-                 f"(train.py {os.path.join(out, DONE_MARKER)} --output_dir NEW reruns it)")
-    lines.append(f"  {os.path.join(out, 'README.md')}: the model card (the Hub shows it)")
+    lines.append(f"  {os.path.join(out, TRAIN_RECORD)}: options, result and provenance "
+                 f"(train.py {os.path.join(out, TRAIN_RECORD)} --output_dir NEW reruns it)")
+    lines.append(f"  {os.path.join(out, MODEL_CARD)}: the model card (the Hub shows it)")
     if {"tensorboard", "all"} & {name.strip() for name in train_args.report_to.split(",")}:
         lines.append(f"  {os.path.join(out, 'runs', run_name)}: TensorBoard logs "
                      f"(tensorboard --logdir {os.path.join(out, 'runs')})")

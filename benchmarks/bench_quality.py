@@ -37,12 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import yaml  # noqa: E402
 
 from cli import InputError, parse_config, run_main  # noqa: E402
-from demo import DEFAULT_MODEL, eval_command, here, run_command, train_command, write_atomic  # noqa: E402
+from artefacts import RESULTS_FILE, TRAIN_RECORD, write_atomic  # noqa: E402
+from demo import DEFAULT_MODEL, eval_command, here, run_command, train_command  # noqa: E402
 from records import TASKS, load_records  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 DEFAULT_PRESETS = "paper,paper_authors,grad_diff,npo,ails_ntua,zjuklab,calibrated,recommended"
-TRAIN_DONE, EVAL_DONE = "train_config.yaml", "evaluation_results.json"
 
 
 @dataclass
@@ -194,10 +194,10 @@ def plan(args, has_gpu=False):
 
     def evaluation(name, model, needs):
         out = os.path.join(args.run_dir, f"eval-{name}")
-        return {"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, EVAL_DONE), "needs": [needs],
+        return {"name": f"eval-{name}", "kind": "eval", "done": os.path.join(out, RESULTS_FILE), "needs": [needs],
                 "command": eval_command(args, has_gpu, model, data_dir, os.path.join(data_dir, "mia"), out)}
 
-    data_done, target_done = os.path.join(data_dir, "documents.json"), os.path.join(target, TRAIN_DONE)
+    data_done, target_done = os.path.join(data_dir, "documents.json"), os.path.join(target, TRAIN_RECORD)
     steps = [{"name": "data", "kind": "data", "command": None, "done": data_done, "needs": []},
              {"name": "target", "kind": "train", "done": target_done, "needs": [data_done],
               "command": train_command(args, has_gpu, here("configs", "target.yaml"), args.model_name_or_path,
@@ -210,9 +210,9 @@ def plan(args, has_gpu=False):
                                 oracle, "oracle")
         at = command.index("--data_dir")
         command[at:at + 2] = ["--retain_file", os.path.join(data_dir, "retain.jsonl")]  # no forget set at all
-        steps += [{"name": "oracle", "kind": "train", "done": os.path.join(oracle, TRAIN_DONE), "needs": [data_done],
+        steps += [{"name": "oracle", "kind": "train", "done": os.path.join(oracle, TRAIN_RECORD), "needs": [data_done],
                    "command": command},
-                  evaluation("oracle", oracle, os.path.join(oracle, TRAIN_DONE))]
+                  evaluation("oracle", oracle, os.path.join(oracle, TRAIN_RECORD))]
         names.append("oracle")
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         runs = preset_runs(name)
@@ -220,7 +220,7 @@ def plan(args, has_gpu=False):
             if not os.path.isfile(config):
                 raise InputError(f"--presets {name}: {config} not found")
             out = os.path.join(args.run_dir, run_name)
-            steps.append({"name": run_name, "kind": "train", "done": os.path.join(out, TRAIN_DONE),
+            steps.append({"name": run_name, "kind": "train", "done": os.path.join(out, TRAIN_RECORD),
                           "needs": [target_done], "command": train_command(args, has_gpu, config, target, data_dir, out, run_name,
                                                    os.path.join(data_dir, "calibration.jsonl"))
                           + budget_flags(config, args)})
@@ -245,10 +245,9 @@ def write_table(args, names):
     from compare import comparison_table, load_results, plot_comparison
 
     named = [(name, load_results(os.path.join(args.run_dir, f"eval-{name}"))) for name in names
-             if os.path.isfile(os.path.join(args.run_dir, f"eval-{name}", EVAL_DONE))]
+             if os.path.isfile(os.path.join(args.run_dir, f"eval-{name}", RESULTS_FILE))]
     plot = os.path.join(args.run_dir, "quality.png")
-    plot_comparison(named, plot + ".tmp.png")
-    os.replace(plot + ".tmp.png", plot)
+    plot_comparison(named, plot)
     ranked = sorted(((task_mia_mean(r), name, r) for name, r in named), key=lambda t: -(t[0] or -1))
     lines = [f"# Quality benchmark ({time.strftime('%Y-%m-%d')})", "",
              f"{args.docs_per_task} forget + {args.docs_per_task} retain documents per task of `{args.data_dir}`, "

@@ -264,7 +264,7 @@ def output_dir_is_a_file(env):
 
 def make_finished_run(out):
     os.makedirs(out)
-    with open(os.path.join(out, train.DONE_MARKER), "w") as f:
+    with open(os.path.join(out, train.TRAIN_RECORD), "w") as f:
         f.write("result: {optimizer_steps: 7}\n")
     with open(os.path.join(out, "model.safetensors"), "wb") as f:
         f.write(b"earlier run")
@@ -432,7 +432,7 @@ def test_overwrite_output_dir_replaces_a_finished_run(tmp_path, tiny_model_dir, 
     assert train.main(argv + ["--overwrite_output_dir"]) == 0
     import yaml
 
-    with open(os.path.join(env.out, train.DONE_MARKER)) as f:
+    with open(os.path.join(env.out, train.TRAIN_RECORD)) as f:
         result = yaml.safe_load(f)["result"]
     assert result["optimizer_steps"] == 1
     with open(os.path.join(env.out, "model.safetensors"), "rb") as f:

@@ -85,7 +85,7 @@ def test_same_adapter_whatever_the_config(reference, tiny_model_dir, config, dis
     root, args, reference_out = reference
     out = str(root / config.replace(".yaml", ""))
     launch(config, 2, *args, "--output_dir", out, "--gradient_accumulation_steps", "1")
-    with open(os.path.join(out, train.DONE_MARKER)) as f:
+    with open(os.path.join(out, train.TRAIN_RECORD)) as f:
         saved = yaml.safe_load(f)
     assert saved["launch"] == {"distributed_type": distributed_type, "num_processes": 2, "mixed_precision": "no",
                                "zero_stage": zero_stage}  # it really ran that way
@@ -185,7 +185,7 @@ def test_non_finite_loss_skips_the_step_and_never_reaches_the_weights(tmp_path, 
     skipped, one_step = str(tmp_path / "skipped"), str(tmp_path / "one_step")
     launch(config, 1, *args, "--max_steps", "2", "--output_dir", skipped, script=str(script))
     launch(config, 1, *args, "--max_steps", "1", "--output_dir", one_step)
-    with open(os.path.join(skipped, train.DONE_MARKER)) as f:
+    with open(os.path.join(skipped, train.TRAIN_RECORD)) as f:
         result = yaml.safe_load(f)["result"]
     assert result["optimizer_steps"] == 2 and result["skipped_steps"] == 1
     adapter = load_adapter(skipped)
@@ -206,7 +206,7 @@ def test_quantized_lora_trains_on_cpu_and_merges_into_full_precision(tmp_path, t
     reset_accelerate()
     assert train.main(["--model_name_or_path", tiny_model_dir, "--data_dir", data, "--output_dir", out,
                        quantization, *TRAIN_ARGS, "--num_train_epochs", "1"]) == 0
-    with open(os.path.join(out, train.DONE_MARKER)) as f:
+    with open(os.path.join(out, train.TRAIN_RECORD)) as f:
         result = yaml.safe_load(f)["result"]
     assert result["optimizer_steps"] == result["planned_steps"] == 4 and result["skipped_steps"] == 0
     adapter = load_adapter(out)
