@@ -163,6 +163,16 @@ def load_yaml_config(path, dataclass_types):
     return values
 
 
+def exit_process(code=0):
+    """End an entry script: flush, then exit with ``code``; after a multi-process run without Python's exit
+    handlers (os._exit), where torch 2.13's gloo backend sometimes aborts."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 def run_main(main):
     """Run ``main()``; an InputError becomes one line on stderr and exit code 2, Ctrl-C one line and exit code 130,
     never a traceback."""

@@ -831,12 +831,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_outputs(results, tables, args.output_dir)
         finish(results, args)
-    if accelerator.num_processes > 1:
-        # torch's gloo backend sometimes aborts in its exit handlers: flush, then leave without them.
-        accelerator.wait_for_everyone()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    accelerator.wait_for_everyone()
     return results
 
 
@@ -861,3 +856,4 @@ def finish(results, args):
 
 if __name__ == "__main__":
     cli.run_main(main)
+    cli.exit_process(0)

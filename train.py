@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD
-from cli import InputError, parse_config, preset_path, run_main
+from cli import InputError, exit_process, parse_config, preset_path, run_main
 from modeling import DTYPES
 from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
                         per_sequence_nll, zero_loss)
@@ -1368,9 +1368,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_code = run_main(main)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os._exit(exit_code)  # torch 2.13's gloo sometimes aborts at interpreter exit after a multi-process run
-    sys.exit(exit_code)
+    exit_process(run_main(main))
