@@ -19,7 +19,6 @@ from artefacts import RESULTS_FILE, save_figure, write_atomic
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
-KIND_KEYS = (("regurg", "regurgitation-score"), ("know", "knowledge-score"))
 SUMMARY_KEYS = (("task agg.", "harmonic-mean-task-aggregate"), ("MIA AUC", "mia_loss_acc"),
                 ("MIA score", "mia_final_score"), ("MMLU", "mmlu_average"))
 
@@ -53,10 +52,10 @@ def score_columns(results):
     """(column name, value or None) for one run, in table order."""
     columns = []
     for split in ("forget", "retain"):
-        block = results.get(f"{split}-set") or {}
         for task in TASKS:
-            for short, key in KIND_KEYS:
-                columns.append((f"{split} {task[-1]} {short}", (block.get(task) or {}).get(key)))
+            for kind in scoring.KINDS:
+                columns.append((f"{split} {task[-1]} {kind.short}", scoring.result_score(results, split, kind.key,
+                                                                                         task)))
     for label, key in SUMMARY_KEYS:
         columns.append((label, results.get(key)))
     columns.append(("final", final_cell(results)))
@@ -120,10 +119,8 @@ def plot_comparison(named_results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("forget regurg.", lambda r: (r.get("forget-set") or {}).get("overall-regurgitation-score")),
-               ("forget know.", lambda r: (r.get("forget-set") or {}).get("overall-knowledge-score")),
-               ("retain regurg.", lambda r: (r.get("retain-set") or {}).get("overall-regurgitation-score")),
-               ("retain know.", lambda r: (r.get("retain-set") or {}).get("overall-knowledge-score"))]
+    metrics = [(f"{split} {kind.short}.", lambda r, split=split, kind=kind: scoring.result_score(r, split, kind.key))
+               for split in scoring.SPLITS for kind in scoring.KINDS]
     metrics += [(label, lambda r, key=key: r.get(key)) for label, key in SUMMARY_KEYS if key != "mia_loss_acc"]
     metrics.append(("final (or partial)", lambda r: scoring.final_score_label(r)[1]))
     width = 0.8 / len(named_results)

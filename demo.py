@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from artefacts import CHECKPOINT_STATE, CHECKPOINTS_DIR, RESULTS_FILE, TRAIN_RECORD, save_figure, write_atomic
+from scoring import KINDS, result_score
 from cli import InputError, parse_config, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +42,6 @@ def here(*parts):
 DEFAULT_MODEL = here("models", "smollm2-135m-instruct")
 TIMINGS = "timings.json"
 TASKS = ("Task1", "Task2", "Task3")
-KINDS = (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge"))
 CURVE_TAGS = ("loss/forget", "loss/retain", "loss/idk", "loss/mixed", "nll/forget", "nll/retain", "nll/idk",
               "nll/mixed")  # mixed: --schedule chunked, forget and retain rows in one batch
 
@@ -343,12 +343,6 @@ def load_results(run_dir, name):
         return json.load(f)
 
 
-def score(results, split, task, key):
-    block = (results or {}).get(f"{split}-set") or {}
-    value = (block.get(task) or {}).get(key) if task else block.get(f"overall-{key}")
-    return value
-
-
 def fmt(value, digits=3):
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -363,11 +357,12 @@ def score_rows(results_by_name):
     rows = []
     for split in ("forget", "retain"):
         for task in TASKS:
-            for key, label in KINDS:
-                rows.append((f"{split} {task} {label}", [score(r, split, task, key) for r in results_by_name]))
+            for kind in KINDS:
+                rows.append((f"{split} {task} {kind.label}",
+                             [result_score(r, split, kind.key, task) for r in results_by_name]))
     for split in ("forget", "retain"):
-        for key, label in KINDS:
-            rows.append((f"**{split} overall {label}**", [score(r, split, None, key) for r in results_by_name]))
+        for kind in KINDS:
+            rows.append((f"**{split} overall {kind.label}**", [result_score(r, split, kind.key) for r in results_by_name]))
     for key, label in (("harmonic-mean-task-aggregate", "task aggregate (harmonic mean of the 12 terms)"),
                        ("mia_loss_acc", "MIA AUC (0.5 = members look like nonmembers)"),
                        ("mia_final_score", "MIA score = 1 - 2 abs(AUC - 0.5)"),
@@ -388,10 +383,10 @@ def score_rows(results_by_name):
 def check_bar(before, after):
     """The demo's acceptance bar for one unlearned model: list of (criterion, before, after, passed)."""
     checks = []
-    for key, label in KINDS:
-        b, a = score(before, "forget", None, key), score(after, "forget", None, key)
-        checks.append((f"forget {label} at most half of before", b, a, None if None in (a, b) else a <= b / 2))
-    b, a = score(before, "retain", None, KINDS[0][0]), score(after, "retain", None, KINDS[0][0])
+    for kind in KINDS:
+        b, a = result_score(before, "forget", kind.key), result_score(after, "forget", kind.key)
+        checks.append((f"forget {kind.label} at most half of before", b, a, None if None in (a, b) else a <= b / 2))
+    b, a = result_score(before, "retain", KINDS[0].key), result_score(after, "retain", KINDS[0].key)
     checks.append(("retain regurgitation at least 0.8x before", b, a, None if None in (a, b) else a >= 0.8 * b))
     b, a = (before or {}).get("mia_loss_acc"), (after or {}).get("mia_loss_acc")
     checks.append(("MIA AUC closer to 0.5 than before", b, a,
@@ -423,12 +418,12 @@ def plot_scores(names, results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{task[-1]} {label[:5]}." for task in TASKS for _, label in KINDS]
+    labels = [f"{task[-1]} {kind.label[:5]}." for task in TASKS for kind in KINDS]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [6, 6, 1.6]})
     width = 0.8 / len(names)
     for ax, split in zip(axes[:2], ("forget", "retain")):
         for i, (name, r) in enumerate(zip(names, results)):
-            values = [score(r, split, task, key) for task in TASKS for key, _ in KINDS]
+            values = [result_score(r, split, kind.key, task) for task in TASKS for kind in KINDS]
             bars = ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(labels))],
                           [v or 0 for v in values], width, label=name)
             ax.bar_label(bars, [f"{v:.2f}" if v is not None else "n/a" for v in values], fontsize=5, padding=1)
@@ -525,8 +520,8 @@ def build_report(run_dir, names, args=None, timings=None):
     lines += ["", "![scores](scores.png)", ""]
     before = results[0]
     if before is not None:
-        bar = [("forget regurgitation of the target at least 0.6", score(before, "forget", None, KINDS[0][0])),
-               ("retain regurgitation of the target at least 0.6", score(before, "retain", None, KINDS[0][0]))]
+        bar = [("forget regurgitation of the target at least 0.6", result_score(before, "forget", KINDS[0].key)),
+               ("retain regurgitation of the target at least 0.6", result_score(before, "retain", KINDS[0].key))]
         lines += ["## Did it work?", "", "The target memorised the data:", ""]
         lines += [f"- {'PASS' if v is not None and v >= 0.6 else 'FAIL'}: {label} ({fmt(v)})" for label, v in bar]
         for name, after in zip(names[1:], results[1:]):

@@ -663,11 +663,10 @@ def score_figure(results):
     fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5 * len(splits) + 4, 3.8), squeeze=False,
                              gridspec_kw={"width_ratios": [5] * len(splits) + [4]})
     for ax, split in zip(axes[0], splits):
-        block = results[f"{split}-set"]
-        for offset, (_, key) in zip((-0.2, 0.2), scoring.KINDS):
-            values = [(block.get(task) or {}).get(key) for task in records.TASKS]
+        for offset, kind in zip((-0.2, 0.2), scoring.KINDS):
+            values = [scoring.result_score(results, split, kind.key, task) for task in records.TASKS]
             labelled_bars(ax, [i + offset for i in range(len(records.TASKS))], values, "no rows", width=0.4,
-                          label=key.replace("-score", ""))
+                          label=kind.label)
         ax.set_xticks(range(len(records.TASKS)), records.TASKS)
         ax.set_ylim(0, 1.3)
         ax.set_title(f"{split} set (lower is better)" if split == "forget" else f"{split} set (higher is better)")

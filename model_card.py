@@ -21,6 +21,7 @@ import yaml
 import scoring
 from artefacts import CHECKPOINTS_DIR, MODEL_CARD, RESULTS_FILE, TRAIN_RECORD, write_atomic
 from cli import InputError, parse_config, run_main
+from records import TASKS
 
 # what never goes to the Hub: resumable checkpoints, half-written dirs
 UPLOAD_IGNORE = [f"{CHECKPOINTS_DIR}/*", ".incomplete-*", ".tmp*", "*.tmp"]
@@ -50,9 +51,8 @@ def _scores_section(results):
     lines += ["Regurgitation (ROUGE-L recall) / knowledge (exact match); forget: lower is better, retain: higher.", "",
               "| split | Task1 | Task2 | Task3 |", "|---|---|---|---|"]
     for split in scoring.SPLITS:
-        block = results.get(f"{split}-set") or {}
-        cells = [" / ".join(_fmt((block.get(task) or {}).get(key)) for _, key in scoring.KINDS)
-                 for task in ("Task1", "Task2", "Task3")]
+        cells = [" / ".join(_fmt(scoring.result_score(results, split, kind.key, task)) for kind in scoring.KINDS)
+                 for task in TASKS]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     aggregate_note = scoring.task_aggregate_note(results)
     return lines + (["", f"Task aggregate: {aggregate_note}."] if aggregate_note else []) + [""]

@@ -9,11 +9,21 @@ the three as the final score (only when all three ran, as the official script: o
 
 import math
 import statistics
+from collections import namedtuple
 
 from records import TASKS, record_kind
 
 SPLITS = ("forget", "retain")
-KINDS = (("sc", "regurgitation-score"), ("qa", "knowledge-score"))
+# The one table of row kinds: the id tag, the results key of its score, and its names in reports and tables.
+Kind = namedtuple("Kind", "row key label short")
+KINDS = (Kind("sc", "regurgitation-score", "regurgitation", "regurg"), Kind("qa", "knowledge-score", "knowledge", "know"))
+
+
+def result_score(results, split, key, task=None):
+    """A score of an evaluation_results.json dict: split's task score ``key``, or without task the overall one;
+    None where it was not computed (no rows, or no results)."""
+    block = (results or {}).get(f"{split}-set") or {}
+    return (block.get(task) or {}).get(key) if task else block.get(f"overall-{key}")
 
 # --- per-row scores -------------------------------------------------------------------------------------------------
 
@@ -83,9 +93,9 @@ def aggregated_terms(forget_block, retain_block):
     terms, skipped = [], []
     for split, block in (("forget", forget_block), ("retain", retain_block)):
         for task in TASKS:
-            for _, key in KINDS:
-                name = f"{split}/{task}/{key}"
-                value = (block or {}).get(task, {}).get(key)
+            for kind in KINDS:
+                name = f"{split}/{task}/{kind.key}"
+                value = (block or {}).get(task, {}).get(kind.key)
                 if value is None:
                     skipped.append(name)
                     continue

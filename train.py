@@ -578,7 +578,7 @@ def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
     """The official scores of the model on the dev slice, rows sharded over processes (evaluate.evaluate_model):
     the same dict on every process."""
     from evaluate import evaluate_model
-    from scoring import KINDS, SPLITS
+    from scoring import KINDS, SPLITS, result_score
 
     forget, retain, members, nonmembers, mmlu = dev
     results, _ = evaluate_model(accelerator.unwrap_model(model), tokenizer, forget, retain,
@@ -590,10 +590,10 @@ def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
     if mmlu:
         scores["mmlu"] = results["mmlu_average"]
     for split in SPLITS:
-        for _, key in KINDS:  # regurgitation-score, knowledge-score -> forget_regurgitation, ...
-            value = (results.get(f"{split}-set") or {}).get(f"overall-{key}")
+        for kind in KINDS:  # forget_regurgitation, forget_knowledge, ...
+            value = result_score(results, split, kind.key)
             if value is not None:
-                scores[f"{split}_{key[:-len('-score')]}"] = value
+                scores[f"{split}_{kind.label}"] = value
     scores["metric"] = best_metric(scores, train_args.metric_for_best_model)
     return scores
 
