@@ -178,11 +178,11 @@ class TrainArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "--push_to_hub: create the repo as private."})
     padding_free: bool = field(default=False, metadata={
         "help": "Pack each micro-batch's rows into one row with per-row position ids, no pad tokens (what "
-                "transformers' DataCollatorWithFlattening does); the logits go back into the padded layout, so "
-                "every loss is the one of padded rows. Faster with a varlen kernel (--attn_implementation "
-                "flash_attention_2); with sdpa/eager the packed row attends through a block-diagonal mask over all "
-                "its tokens. Dropout (--lora_dropout) draws other masks for the packed shape. Refused for a model whose "
-                "attention ignores packed position ids."})
+                "transformers' DataCollatorWithFlattening does), and compute logits only at the tokens a loss "
+                "scores (logits_to_keep); every loss is the one of padded rows. With sdpa/eager the packed row "
+                "attends through a block-diagonal mask over all its tokens; a varlen kernel (--attn_implementation "
+                "flash_attention_2) skips the masked part. Dropout (--lora_dropout) draws other masks for the packed "
+                "shape. Refused for a model whose attention ignores packed position ids."})
     batch_log: bool = field(default=False, metadata={"help": "Write every micro-batch's step, kind and record ids "
                                                      "to output_dir/batch_log/rank<N>.jsonl (audits the schedule)."})
     # calibrated forgetting
@@ -532,6 +532,8 @@ def calibration_labels(batch, calibration_on):
     """The labels a row's calibrated NLL is measured on: the answer's (the batch labels), or every real token's."""
     if calibration_on == "answer":
         return batch["labels"]
+    if "token_labels" in batch:  # --padding_free: pack_batch's compact layout
+        return batch["token_labels"]
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
@@ -799,6 +801,7 @@ class Run:
     provenance: dict = field(default_factory=dict)  # see provenance()
     last_losses: dict = field(default_factory=dict)  # kind -> the loss and NLL of its last step
     padding_free: bool = False  # --padding_free: micro-batches packed into one row (pack_batch)
+    calibration_on: str = "answer"  # --calibration_on: which tokens a calibrated row's NLL is measured on
 
 
 def train(model_args, data_args, train_args, preset=""):
@@ -981,7 +984,8 @@ def setup_run(model_args, data_args, train_args):
     state = RunState(micro_batches_per_step=micro_per_step, steps_per_epoch=steps_per_epoch,
                      run_name=train_args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run = Run(accelerator, model, tokenizer, optimizer, scheduler, trainable, examples, schedule, steps_per_epoch,
-              total_steps, state, load_seconds, counts, calibration, dev, padding_free=train_args.padding_free)
+              total_steps, state, load_seconds, counts, calibration, dev, padding_free=train_args.padding_free,
+              calibration_on=train_args.calibration_on)
     if checkpoint is not None:
         run.state, run.best_weights = load_checkpoint(accelerator, checkpoint, state)
     if accelerator.is_main_process and train_args.report_to != "none":
@@ -1034,9 +1038,10 @@ def make_batch(run, kind, indices, step, accumulation_index):
     if run.batch_log is not None:
         run.batch_log.write(json.dumps({"step": step, "accumulation": accumulation_index, "kind": kind,
                                         "ids": [r["id"] for r in rows]}) + "\n")
-    batch = pad_batch(rows, run.tokenizer.pad_token_id)
     if run.padding_free:
-        batch.update(pack_batch(rows))
+        batch = pack_batch(rows, every_token=run.calibration is not None and run.calibration_on == "text")
+    else:
+        batch = pad_batch(rows, run.tokenizer.pad_token_id)
     if kind == "mixed":
         batch["weights"] = torch.tensor([r["weight"] for r in rows])
         batch["is_forget"] = torch.tensor([r["source"] == "forget" for r in rows])
@@ -1045,33 +1050,51 @@ def make_batch(run, kind, indices, step, accumulation_index):
     return {k: v.to(run.accelerator.device) for k, v in batch.items()}
 
 
-def pack_batch(rows):
-    """--padding_free: the rows' input ids end to end in one row, position ids restarting at 0 for each (how
-    transformers' mask builder and flash kernels tell the rows apart), and where each packed token sits in the
-    padded (rows x longest) layout of pad_batch."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = [token for r in rows for token in r["input_ids"]]
-    positions = [p for r in rows for p in range(len(r["input_ids"]))]
-    index = [i * width + p for i, r in enumerate(rows) for p in range(len(r["input_ids"]))]
-    return {"packed_input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "packed_index": torch.tensor(index)}
+def pack_batch(rows, every_token=False):
+    """--padding_free: the micro-batch as one packed row the model reads, and a compact row per example for the loss.
+
+    The packed row: the rows' input ids end to end, position ids restarting at 0 for each (how transformers' mask
+    builder and flash kernels tell them apart), no padding. The model computes logits only where a loss reads them
+    (``logits_index``: the position before each scored token; scored = labelled, or every token but the first with
+    ``every_token``, for --calibration_on text), and they go to a compact (rows x (1 + most scored tokens)) layout
+    whose labels sit one column right of their logits, as in a padded batch: every loss of objectives.py reads it
+    unchanged. ``attention_mask`` is the packed row's (all ones): what optimizer_step counts as tokens."""
+    scored = [[j for j in range(1, len(r["input_ids"])) if every_token or r["labels"][j] != -100] for r in rows]
+    width = 1 + max(len(s) for s in scored)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    tokens = torch.full((len(rows), width), -100, dtype=torch.long)
+    logits_index, compact_index, offset = [], [], 0
+    for i, (row, positions) in enumerate(zip(rows, scored)):
+        for k, j in enumerate(positions, start=1):
+            labels[i, k], tokens[i, k] = row["labels"][j], row["input_ids"][j]
+            logits_index.append(offset + j - 1)
+            compact_index.append(i * width + k - 1)
+        offset += len(row["input_ids"])
+    packed = [token for r in rows for token in r["input_ids"]]
+    return {"packed_input_ids": torch.tensor([packed]),
+            "position_ids": torch.tensor([[p for r in rows for p in range(len(r["input_ids"]))]]),
+            "attention_mask": torch.ones(1, len(packed), dtype=torch.long), "labels": labels,
+            "token_labels": tokens, "logits_index": torch.tensor(logits_index),
+            "compact_index": torch.tensor(compact_index)}
 
 
 def forward_logits(model, batch):
-    """Logits (rows, longest, vocab) of a micro-batch: padded rows as they are, or (--padding_free) the packed row's
-    logits put back where pad_batch has each token; pad positions get 0, and their labels are -100."""
+    """Logits of a micro-batch for the loss: (rows, longest, vocab) of padded rows, or (--padding_free) the packed
+    row's logits at the scored positions only, in pack_batch's compact layout (0 elsewhere; labels -100 there)."""
     if "packed_input_ids" not in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # no cache: transformers detects packed rows from position ids only without one
-    packed = model(input_ids=batch["packed_input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-    rows, width = batch["attention_mask"].shape
-    return packed.new_zeros(rows * width, packed.size(-1)).index_copy(0, batch["packed_index"], packed).view(
+    kept = model(input_ids=batch["packed_input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                 logits_to_keep=batch["logits_index"]).logits[0]
+    rows, width = batch["labels"].shape
+    return kept.new_zeros(rows * width, kept.size(-1)).index_copy(0, batch["compact_index"], kept).view(
         rows, width, -1)
 
 
 def check_padding_free(model, name):
-    """--padding_free needs attention that keeps packed rows apart by their position ids: transformers' mask builder
-    (masking_utils.create_causal_mask, which sdpa, eager and flex attention then follow) or a flash kernel."""
+    """--padding_free needs attention that keeps packed rows apart by their position ids (transformers' mask
+    builder, masking_utils.create_causal_mask, which sdpa, eager and flex attention follow, or a flash kernel) and a
+    forward that computes logits at given positions only (logits_to_keep)."""
     import inspect
 
     implementation = getattr(model.config, "_attn_implementation", "") or ""
@@ -1080,6 +1103,9 @@ def check_padding_free(model, name):
         raise InputError(f"--padding_free: {name} ({type(model).__name__}, attention {implementation or 'unknown'}) "
                          f"does not build its mask with transformers' create_causal_mask, so packed rows could "
                          f"attend to each other; drop --padding_free")
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise InputError(f"--padding_free: {name} ({type(model).__name__}) has no logits_to_keep in its forward; "
+                         f"drop --padding_free")
 
 
 def make_loss_fn(run, kind, train_args):

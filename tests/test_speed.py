@@ -23,36 +23,37 @@ def rows_of_lengths(lengths, vocab=60, seed=0):
     return rows
 
 
-def padded_and_packed(rows, pad_token_id=0):
-    padded = train.pad_batch(rows, pad_token_id)
-    return padded, dict(padded, **train.pack_batch(rows))
-
-
-def test_packed_rows_give_the_padded_logits_losses_and_gradients(tiny_model_dir):
+def test_packed_rows_give_the_padded_losses_and_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     rows = rows_of_lengths([7, 3, 12, 5])
-    padded, packed = padded_and_packed(rows)
+    padded, packed = train.pad_batch(rows, 0), train.pack_batch(rows)
     assert packed["packed_input_ids"].shape == (1, 27) and packed["position_ids"][0, 7:10].tolist() == [0, 1, 2]
+    # scored: the labelled tokens (the second half of each row), logits one position before each
+    assert packed["labels"].shape == (4, 1 + 6) and packed["logits_index"][:4].tolist() == [2, 3, 4, 5]
+    assert packed["labels"][1].tolist() == [-100, *rows[1]["input_ids"][1:], -100, -100, -100, -100]
     a, b = train.forward_logits(model, padded), train.forward_logits(model, packed)
-    mask = padded["attention_mask"].bool()
-    assert a.shape == b.shape and torch.allclose(a[mask], b[mask], atol=1e-5)
-    assert b[~mask].abs().max() == 0  # pad positions: zeros, never scored (labels -100)
-    labels, weights = padded["labels"], torch.tensor([-1.0, 0.5, -1.0, 0.5])
+    assert b.shape == (4, 7, a.size(-1))  # logits of 4 x 7 positions instead of 4 x 12
+    labels, compact, weights = padded["labels"], packed["labels"], torch.tensor([-1.0, 0.5, -1.0, 0.5])
     for kind, forget, retain in (("forget", "gi", "ntp"), ("forget", "gi2", "ntp"), ("forget", "npo", "ntp"),
                                  ("retain", "gi", "kl"), ("retain", "gi", "ntp"), ("mixed", "gi", "ntp")):
-        def loss_of(logits):
+        def loss_of(logits, labels):
             return batch_loss(kind, logits, labels, forget, retain, reference_logits=logits.detach() * 0.9,
                               row_weights=weights)[0]
-        assert torch.allclose(loss_of(a), loss_of(b), atol=1e-5), (kind, forget, retain)
-    assert torch.allclose(per_sequence_nll(a, labels), per_sequence_nll(b, labels), atol=1e-5)
+        assert torch.allclose(loss_of(a, labels), loss_of(b, compact), atol=1e-5), (kind, forget, retain)
+    assert torch.allclose(per_sequence_nll(a, labels), per_sequence_nll(b, compact), atol=1e-5)
     grads = []
     for batch in (padded, packed):
         model.zero_grad()
-        batch_loss("forget", train.forward_logits(model, batch), labels, "gi")[0].backward()
+        batch_loss("forget", train.forward_logits(model, batch), batch["labels"], "gi")[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # --calibration_on text measures every token: then every position is scored
+    text = train.pack_batch(rows, every_token=True)
+    assert torch.allclose(per_sequence_nll(a, train.calibration_labels(padded, "text")),
+                          per_sequence_nll(train.forward_logits(model, text), train.calibration_labels(text, "text")),
+                          atol=1e-5)
 
 
 def test_padding_free_is_refused_for_attention_that_ignores_packed_positions(tmp_path, monkeypatch):
@@ -108,5 +109,7 @@ def test_padding_share_is_what_the_batches_padded_and_padding_free_trains_the_sa
             tokens, positions = tokens + sum(sizes), positions + max(sizes) * len(sizes)
     assert 0 < summary["padding_share"] == pytest.approx(1 - tokens / positions, abs=1e-4)
     assert summary["tokens_per_second"] > 0
+    packed = yaml.safe_load(open(os.path.join(outputs["packed"], "train_config.yaml")))["result"]
+    assert packed["padding_share"] == 0  # the packed rows hold no pad token
     a, b = (load_file(os.path.join(outputs[n], "adapter", "adapter_model.safetensors")) for n in ("padded", "packed"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
