@@ -69,7 +69,7 @@ def quantization_config(load_in_8bit=False, load_in_4bit=False):
 
 
 def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=False, device_map=None,
-               trust_remote_code=False):
+               trust_remote_code=False, attn_implementation=""):
     """``AutoModelForCausalLM`` from a local dir or hub id; a clear error when it cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +81,8 @@ def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=Fals
         kwargs["quantization_config"] = quant
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: no config.json / no model_type in it

@@ -156,7 +156,3 @@ def zero_loss(model):
     """A loss of exactly 0 that touches every trainable parameter: backward gives zero gradients on every rank,
     keeping DDP/DeepSpeed hooks and accumulation counters in step when a batch's real loss must be dropped."""
     return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-
-
-def is_finite(loss):
-    return bool(torch.isfinite(loss.detach()).all())

@@ -25,7 +25,7 @@ import yaml
 from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD
 from cli import InputError, exit_process, parse_config, preset_path, run_main
 from modeling import DTYPES
-from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, is_finite, needs_reference,
+from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, needs_reference,
                         per_sequence_nll, zero_loss)
 from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
 
@@ -56,6 +56,9 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper: 0.05)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to "
                                                                   "save memory (slower)."})
+    attn_implementation: str = field(default="", metadata={
+        "help": "transformers' attention kernel: sdpa, eager, flash_attention_2, ... (empty: transformers' "
+                "default for the model)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the frozen base in 8-bit (bitsandbytes); "
                                                         "needs LoRA."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the frozen base in 4-bit nf4 "
@@ -172,6 +175,13 @@ class TrainArguments:
     hub_model_id: str = field(default="", metadata={"help": "Hub repo id (USER/NAME) for --push_to_hub; default: "
                                                     "output_dir's name under your account."})
     hub_private_repo: bool = field(default=False, metadata={"help": "--push_to_hub: create the repo as private."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Pack each micro-batch's rows into one row with per-row position ids, no pad tokens (what "
+                "transformers' DataCollatorWithFlattening does), and compute logits only at the tokens a loss "
+                "scores (logits_to_keep); every loss is the one of padded rows. With sdpa/eager the packed row "
+                "attends through a block-diagonal mask over all its tokens; a varlen kernel (--attn_implementation "
+                "flash_attention_2) skips the masked part. Dropout (--lora_dropout) draws other masks for the packed "
+                "shape. Refused for a model whose attention ignores packed position ids."})
     batch_log: bool = field(default=False, metadata={"help": "Write every micro-batch's step, kind and record ids "
                                                      "to output_dir/batch_log/rank<N>.jsonl (audits the schedule)."})
     # calibrated forgetting
@@ -521,6 +531,8 @@ def calibration_labels(batch, calibration_on):
     """The labels a row's calibrated NLL is measured on: the answer's (the batch labels), or every real token's."""
     if calibration_on == "answer":
         return batch["labels"]
+    if "token_labels" in batch:  # --padding_free: pack_batch's compact layout
+        return batch["token_labels"]
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
@@ -614,16 +626,19 @@ def load_trainable_state(model, state):
 
 @dataclass
 class StepStats:
-    """What one optimizer step did on this process: mean loss and NLL over its micro-batches, non-pad tokens,
-    the clipped-gradient norm (None without clipping or when skipped), whether the step was dropped, and the forget
-    rows already at their calibration target (at_target of rows)."""
+    """What one optimizer step did, over every process: the mean loss and NLL of its micro-batches, non-pad tokens
+    and all token positions (padding included), the clipped-gradient norm (None without clipping or when skipped),
+    whether the step was dropped, the forget rows already at their calibration target (at_target of rows), and the
+    caller's flags summed over processes."""
     loss: float = 0.0
     nll: float = 0.0
     tokens: int = 0
+    positions: int = 0
     grad_norm: float | None = None
     skipped: bool = False
     at_target: int = 0
     rows: int = 0
+    flags: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -642,32 +657,41 @@ def learning_rate_zero(optimizer, active):
                 group["lr"] = lr
 
 
-def sum_over_processes(accelerator, values):
-    """{name: value} summed over processes, in one collective; the same dict on every process."""
-    names = list(values)
-    totals = accelerator.reduce(torch.tensor([float(values[name]) for name in names], dtype=torch.float64,
-                                             device=accelerator.device), "sum")
-    return dict(zip(names, totals.tolist()))
+STEP_SUMS = ("non_finite", "loss", "nll", "tokens", "positions", "at_target", "rows")  # one reduce per step
 
 
-def any_process(accelerator, flag):
-    """True on every process if ``flag`` is true on any: decisions that all processes must take together."""
-    return sum_over_processes(accelerator, {"flag": flag})["flag"] > 0
-
-
-def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss_fn, max_grad_norm):
+def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss_fn, max_grad_norm, flags=None):
     """Accumulate this process's micro-batches and take one optimizer step; returns StepStats.
 
-    ``loss_fn(batch) -> (loss, nll, at_target, rows)``. A non-finite loss on any process replaces that micro-batch's
-    loss by an exact zero (so DDP/DeepSpeed hooks stay in step) and drops the whole step on every process; so does a
-    non-finite gradient norm. The step is counted as skipped and the weights stay as they were."""
+    ``loss_fn(batch) -> (loss, nll, at_target, rows)``; ``flags() -> {name: number}`` (e.g. a stop request) is
+    summed over processes with the step's statistics. The statistics stay on the device until one collective after
+    the last micro-batch's forward pass (its one host sync, besides the gradient norm's finiteness check): a
+    non-finite loss on any process then drops the whole step on every process, and so does a non-finite gradient
+    norm; the step is counted as skipped and the weights stay as they were. Under DeepSpeed, whose optimizer steps
+    inside the last backward, a non-finite loss is also replaced by an exact zero on its own process before its
+    backward (so no NaN reaches DeepSpeed's optimizer state) and the dropped step runs at learning rate 0."""
     deepspeed = accelerator.state.deepspeed_plugin is not None
-    stats, bad = StepStats(), False
-    for batch in micro_batches:
+    device, count = accelerator.device, len(micro_batches)
+    sums = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=device)
+    stats, bad, extra = StepStats(), False, {}
+    for index, batch in enumerate(micro_batches):
         with accelerator.accumulate(model):
             loss, nll, at_target, rows = loss_fn(batch)
-            if any_process(accelerator, not is_finite(loss)):
-                bad, loss = True, zero_loss(model)
+            finite = torch.isfinite(loss.detach())
+            if deepspeed and not finite:  # a host sync per micro-batch, under DeepSpeed only
+                loss = zero_loss(model)
+            mask = batch["attention_mask"]
+            sums += torch.stack([(~finite).double(), torch.where(finite, loss.detach(), 0).double() / count,
+                                 nll.detach().double() / count, mask.sum().double(),
+                                 torch.tensor(mask.numel(), dtype=torch.float64, device=device),
+                                 torch.tensor(at_target, dtype=torch.float64, device=device),
+                                 torch.tensor(rows, dtype=torch.float64, device=device)])
+            if index == count - 1:
+                extra = flags() if flags else {}
+                values = torch.cat([sums, torch.tensor([float(v) for v in extra.values()], dtype=torch.float64,
+                                                       device=device)])
+                totals = accelerator.reduce(values, "sum").tolist()
+                bad = totals[0] > 0
             with learning_rate_zero(optimizer, deepspeed and bad and accelerator.sync_gradients):
                 accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -678,11 +702,12 @@ def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss
                     optimizer.step()
                     stats.grad_norm = None if grad_norm is None else float(grad_norm)
                 optimizer.zero_grad(set_to_none=True)
-        stats.loss += loss.detach().float().item() / len(micro_batches)
-        stats.nll += nll.detach().float().item() / len(micro_batches)
-        stats.tokens += int(batch["attention_mask"].sum())
-        stats.at_target += at_target
-        stats.rows += rows
+    world = accelerator.num_processes
+    named = dict(zip(STEP_SUMS, totals))
+    stats.loss, stats.nll = named["loss"] / world, named["nll"] / world
+    stats.tokens, stats.positions = int(named["tokens"]), int(named["positions"])
+    stats.at_target, stats.rows = int(named["at_target"]), int(named["rows"])
+    stats.flags = dict(zip(extra, totals[len(STEP_SUMS):]))
     stats.skipped = bad
     return stats
 
@@ -774,6 +799,8 @@ class Run:
     batch_log: object = None
     provenance: dict = field(default_factory=dict)  # see provenance()
     last_losses: dict = field(default_factory=dict)  # kind -> the loss and NLL of its last step
+    padding_free: bool = False  # --padding_free: micro-batches packed into one row (pack_batch)
+    calibration_on: str = "answer"  # --calibration_on: which tokens a calibrated row's NLL is measured on
 
 
 def train(model_args, data_args, train_args, preset=""):
@@ -796,7 +823,7 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
                     desc="fine-tuning" if "forget" not in run.counts or train_args.forget_loss == "ntp"
                     else "unlearning")
     stopped_early = preempted = False
-    tokens_total = 0.0
+    tokens_total = positions_total = 0  # non-pad tokens and all token positions trained on, every process
     log_window = {}  # tag -> values of the steps since the last tracker log (--logging_steps)
     for epoch, kind, micro_batches in remaining_steps(run, train_args):
         step_start = time.time()
@@ -804,40 +831,26 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
                               state.step, a) for a in range(train_args.gradient_accumulation_steps)]
         lr = run.scheduler.get_last_lr()[0]  # the rate this step trains at (the scheduler then moves on)
         stats = optimizer_step(accelerator, run.model, run.optimizer, run.trainable, batches,
-                               make_loss_fn(run, kind, train_args), train_args.max_grad_norm)
+                               make_loss_fn(run, kind, train_args), train_args.max_grad_norm,
+                               stop_flags(train_args, stop_request, state, first_step, loop_start, save_reserve))
         run.scheduler.step()
         state.step += 1
         state.skipped_steps += stats.skipped
         progress.update(1)
-        # metrics averaged over processes, counts summed; a stop request on any process stops all of them
-        out_of_time = (train_args.max_train_minutes > 0 and time.time() - stop_request.start + save_reserve
-                       + (time.time() - loop_start) / (state.step - first_step) > train_args.max_train_minutes * 60)
-        totals = sum_over_processes(accelerator, {"loss": stats.loss, "nll": stats.nll, "tokens": stats.tokens,
-                                                  "at_target": stats.at_target, "rows": stats.rows,
-                                                  "out_of_time": out_of_time, "stop": stop_request.received})
-        tokens_total += totals["tokens"]
-        stopped_early = totals["out_of_time"] > 0 and state.step < run.total_steps
-        preempted = totals["stop"] > 0 and state.step < run.total_steps
-        loss, nll = totals["loss"] / world, totals["nll"] / world
-        progress.set_postfix(kind=kind, loss=f"{loss:.4g}", nll=f"{nll:.3f}")
-        run.last_losses[kind] = {"loss": round(loss, 4), "nll": round(nll, 4), "step": state.step}
-        scalars = {f"loss/{kind}": loss, f"nll/{kind}": nll, "epoch": epoch, "lr": lr,
-                   "skipped_steps": state.skipped_steps,
-                   "tokens_per_s": totals["tokens"] / (time.time() - step_start)}
-        if stats.grad_norm is not None:
-            scalars["grad_norm"] = stats.grad_norm
-        if totals["rows"]:
-            scalars["calibration/forget_rows_at_target"] = totals["at_target"] / totals["rows"]
-        for tag, value in scalars.items():
+        tokens_total += stats.tokens
+        positions_total += stats.positions
+        stopped_early = stats.flags["out_of_time"] > 0 and state.step < run.total_steps
+        preempted = stats.flags["stop"] > 0 and state.step < run.total_steps
+        progress.set_postfix(kind=kind, loss=f"{stats.loss:.4g}", nll=f"{stats.nll:.3f}")
+        run.last_losses[kind] = {"loss": round(stats.loss, 4), "nll": round(stats.nll, 4), "step": state.step}
+        for tag, value in step_scalars(stats, kind, epoch, lr, state.skipped_steps, time.time() - step_start).items():
             log_window.setdefault(tag, []).append(value)
         logs = {}
         if train_args.eval_steps and not (stopped_early or preempted) and (
                 state.step % train_args.eval_steps == 0 or state.step == run.total_steps):
             logs.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, train_args).items()})
         if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or stopped_early or preempted:
-            # counters as they stand at this step, every other scalar the mean over the steps since the last log
-            logs.update({tag: values[-1] if tag in ("epoch", "skipped_steps") else sum(values) / len(values)
-                         for tag, values in log_window.items()})
+            logs.update(window_means(log_window))
             log_window = {}
         if train_args.report_to != "none" and logs:
             accelerator.log(logs, step=state.step)
@@ -851,8 +864,40 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
             break
     progress.close()
     state.train_seconds += time.time() - start_time
-    return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step,
-                      tokens_total / max(time.time() - loop_start, 1e-9), stop_request.signal_name)
+    throughput = {"tokens_per_second": round(tokens_total / max(time.time() - loop_start, 1e-9), 1),
+                  "padding_share": round(1 - tokens_total / max(positions_total, 1), 4)}
+    return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, throughput,
+                      stop_request.signal_name)
+
+
+def stop_flags(train_args, stop_request, state, first_step, loop_start, save_reserve):
+    """The flags optimizer_step sums over processes with its stats, so that a stop on any process stops all:
+    out of --max_train_minutes (another step and the final save would not fit), and a stop signal received."""
+    def flags():
+        steps_done = state.step - first_step + 1  # this one included: it is nearly done when flags are read
+        out_of_time = train_args.max_train_minutes > 0 and (time.time() - stop_request.start + save_reserve + (
+            time.time() - loop_start) / steps_done > train_args.max_train_minutes * 60)
+        return {"out_of_time": out_of_time, "stop": stop_request.received}
+    return flags
+
+
+def step_scalars(stats, kind, epoch, lr, skipped_steps, seconds):
+    """The tracker scalars of one optimizer step."""
+    scalars = {f"loss/{kind}": stats.loss, f"nll/{kind}": stats.nll, "epoch": epoch, "lr": lr,
+               "skipped_steps": skipped_steps, "tokens_per_s": stats.tokens / seconds,
+               "padding_share": 1 - stats.tokens / max(stats.positions, 1)}
+    if stats.grad_norm is not None:
+        scalars["grad_norm"] = stats.grad_norm
+    if stats.rows:
+        scalars["calibration/forget_rows_at_target"] = stats.at_target / stats.rows
+    return scalars
+
+
+def window_means(window):
+    """--logging_steps: counters as they stand at this step, every other scalar the mean over the steps since the
+    last log."""
+    return {tag: values[-1] if tag in ("epoch", "skipped_steps") else sum(values) / len(values)
+            for tag, values in window.items()}
 
 
 def setup_run(model_args, data_args, train_args):
@@ -886,8 +931,11 @@ def setup_run(model_args, data_args, train_args):
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
     model = load_model(model_args.model_name_or_path, model_args.torch_dtype, model_args.load_in_8bit,
                        model_args.load_in_4bit, device_map={"": accelerator.device} if quantized else None,
-                       trust_remote_code=model_args.trust_remote_code)
+                       trust_remote_code=model_args.trust_remote_code,
+                       attn_implementation=model_args.attn_implementation)
     model.config.use_cache = False
+    if train_args.padding_free:
+        check_padding_free(model, model_args.model_name_or_path)
     calibration = None
     if calibration_rows is not None and "forget" in examples:
         if not quantized:  # quantized weights were loaded onto the device already
@@ -935,7 +983,8 @@ def setup_run(model_args, data_args, train_args):
     state = RunState(micro_batches_per_step=micro_per_step, steps_per_epoch=steps_per_epoch,
                      run_name=train_args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run = Run(accelerator, model, tokenizer, optimizer, scheduler, trainable, examples, schedule, steps_per_epoch,
-              total_steps, state, load_seconds, counts, calibration, dev)
+              total_steps, state, load_seconds, counts, calibration, dev, padding_free=train_args.padding_free,
+              calibration_on=train_args.calibration_on)
     if checkpoint is not None:
         run.state, run.best_weights = load_checkpoint(accelerator, checkpoint, state)
     if accelerator.is_main_process and train_args.report_to != "none":
@@ -988,13 +1037,74 @@ def make_batch(run, kind, indices, step, accumulation_index):
     if run.batch_log is not None:
         run.batch_log.write(json.dumps({"step": step, "accumulation": accumulation_index, "kind": kind,
                                         "ids": [r["id"] for r in rows]}) + "\n")
-    batch = pad_batch(rows, run.tokenizer.pad_token_id)
+    if run.padding_free:
+        batch = pack_batch(rows, every_token=run.calibration is not None and run.calibration_on == "text")
+    else:
+        batch = pad_batch(rows, run.tokenizer.pad_token_id)
     if kind == "mixed":
         batch["weights"] = torch.tensor([r["weight"] for r in rows])
         batch["is_forget"] = torch.tensor([r["source"] == "forget" for r in rows])
     if run.calibration is not None and kind in ("forget", "mixed"):
         batch["targets"] = torch.tensor([r.get("target", math.inf) for r in rows])
     return {k: v.to(run.accelerator.device) for k, v in batch.items()}
+
+
+def pack_batch(rows, every_token=False):
+    """--padding_free: the micro-batch as one packed row the model reads, and a compact row per example for the loss.
+
+    The packed row: the rows' input ids end to end, position ids restarting at 0 for each (how transformers' mask
+    builder and flash kernels tell them apart), no padding. The model computes logits only where a loss reads them
+    (``logits_index``: the position before each scored token; scored = labelled, or every token but the first with
+    ``every_token``, for --calibration_on text), and they go to a compact (rows x (1 + most scored tokens)) layout
+    whose labels sit one column right of their logits, as in a padded batch: every loss of objectives.py reads it
+    unchanged. ``attention_mask`` is the packed row's (all ones): what optimizer_step counts as tokens."""
+    scored = [[j for j in range(1, len(r["input_ids"])) if every_token or r["labels"][j] != -100] for r in rows]
+    width = 1 + max(len(s) for s in scored)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    tokens = torch.full((len(rows), width), -100, dtype=torch.long)
+    logits_index, compact_index, offset = [], [], 0
+    for i, (row, positions) in enumerate(zip(rows, scored)):
+        for k, j in enumerate(positions, start=1):
+            labels[i, k], tokens[i, k] = row["labels"][j], row["input_ids"][j]
+            logits_index.append(offset + j - 1)
+            compact_index.append(i * width + k - 1)
+        offset += len(row["input_ids"])
+    packed = [token for r in rows for token in r["input_ids"]]
+    return {"packed_input_ids": torch.tensor([packed]),
+            "position_ids": torch.tensor([[p for r in rows for p in range(len(r["input_ids"]))]]),
+            "attention_mask": torch.ones(1, len(packed), dtype=torch.long), "labels": labels,
+            "token_labels": tokens, "logits_index": torch.tensor(logits_index),
+            "compact_index": torch.tensor(compact_index)}
+
+
+def forward_logits(model, batch):
+    """Logits of a micro-batch for the loss: (rows, longest, vocab) of padded rows, or (--padding_free) the packed
+    row's logits at the scored positions only, in pack_batch's compact layout (0 elsewhere; labels -100 there)."""
+    if "packed_input_ids" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # no cache: transformers detects packed rows from position ids only without one
+    kept = model(input_ids=batch["packed_input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                 logits_to_keep=batch["logits_index"]).logits[0]
+    rows, width = batch["labels"].shape
+    return kept.new_zeros(rows * width, kept.size(-1)).index_copy(0, batch["compact_index"], kept).view(
+        rows, width, -1)
+
+
+def check_padding_free(model, name):
+    """--padding_free needs attention that keeps packed rows apart by their position ids (transformers' mask
+    builder, masking_utils.create_causal_mask, which sdpa, eager and flex attention follow, or a flash kernel) and a
+    forward that computes logits at given positions only (logits_to_keep)."""
+    import inspect
+
+    implementation = getattr(model.config, "_attn_implementation", "") or ""
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    if not (implementation.startswith("flash_attention") or "create_causal_mask" in source):
+        raise InputError(f"--padding_free: {name} ({type(model).__name__}, attention {implementation or 'unknown'}) "
+                         f"does not build its mask with transformers' create_causal_mask, so packed rows could "
+                         f"attend to each other; drop --padding_free")
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise InputError(f"--padding_free: {name} ({type(model).__name__}) has no logits_to_keep in its forward; "
+                         f"drop --padding_free")
 
 
 def make_loss_fn(run, kind, train_args):
@@ -1005,13 +1115,12 @@ def make_loss_fn(run, kind, train_args):
     use_reference = needs_reference(kind, train_args.forget_loss, train_args.retain_loss)
 
     def loss_fn(batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         reference_logits = None
         if use_reference:
             # the frozen base = the same model with its adapter off: no second copy in memory
             with torch.no_grad(), run.accelerator.unwrap_model(model).disable_adapter():
-                reference_logits = model(**inputs).logits
-        logits, labels, weights = model(**inputs).logits, batch["labels"], batch.get("weights")
+                reference_logits = forward_logits(model, batch)
+        logits, labels, weights = forward_logits(model, batch), batch["labels"], batch.get("weights")
         at_target = rows = 0
         if "targets" in batch:
             measured = calibration_labels(batch, train_args.calibration_on)
@@ -1048,7 +1157,7 @@ def evaluate_and_keep_best(run, train_args):
     return scores
 
 
-def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, tokens_per_second,
+def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, throughput,
                stop_signal=""):
     """The summary; unless preempted, the best evaluated step's weights (or the last) saved as the run's output."""
     accelerator, state = run.accelerator, run.state
@@ -1060,7 +1169,7 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
                "steps_per_epoch": run.steps_per_epoch, "skipped_steps": state.skipped_steps,
                "train_seconds": round(state.train_seconds, 1), "examples_per_kind": run.counts,
                "num_processes": accelerator.num_processes, "stopped_early": stopped_early, "preempted": preempted,
-               "resumed_from_step": first_step or None, "tokens_per_second": round(tokens_per_second, 1),
+               "resumed_from_step": first_step or None, **throughput,
                "stop_signal": (stop_signal or None) if preempted else None, "last_losses": run.last_losses}
     if run.calibration is not None:
         summary["calibration_target_nll"] = run.calibration
@@ -1328,8 +1437,8 @@ def unlearn(input_model_dir, output_dir, forget_dir, retain_dir, config=os.path.
 
 # --help shows the options in these groups (every option in exactly one)
 HELP_GROUPS = {
-    "model": ["model_name_or_path", "torch_dtype", "trust_remote_code", "gradient_checkpointing", "load_in_8bit",
-              "load_in_4bit"],
+    "model": ["model_name_or_path", "torch_dtype", "trust_remote_code", "attn_implementation",
+              "gradient_checkpointing", "load_in_8bit", "load_in_4bit"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"],
     "data": ["data_dir", "dataset_name", "dataset_config", "forget_split", "retain_split", "forget_file",
              "retain_file", "max_length", "loss_on", "augment", "augment_retain",
@@ -1340,7 +1449,7 @@ HELP_GROUPS = {
                                      "forget_weight", "retain_weight"],
     "optimisation": ["learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
                      "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_grad_norm", "seed"],
+                     "max_grad_norm", "seed", "padding_free"],
     "evaluation during training and best checkpoint": ["eval_steps", "eval_rows", "eval_max_new_tokens",
                                                        "eval_batch_size", "eval_mmlu_dir", "eval_mmlu_limit",
                                                        "metric_for_best_model"],

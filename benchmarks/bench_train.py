@@ -1,0 +1,118 @@
+"""Benchmark (not a test): train.py's training speed against a bare torch LoRA loop on the same rows.
+
+    python benchmarks/bench_train.py                    # SmolLM2-135M-Instruct, fp32, the demo data, 16 steps, CPU
+    python benchmarks/bench_train.py --steps 32 --threads 2 --variants padded,padding_free
+
+Both sides train the same model with the same LoRA (configs/paper.yaml: r 8, alpha 32, all linear layers), dtype,
+micro-batch size and tokenised rows (train.py's own build_examples: segment augmentation included). The bare loop is
+what a careful user would write by hand: all rows sorted by length, cut into batches, each padded to its longest
+row, forward + backward + AdamW, nothing else (no accelerate, no scheduler, no stats). train.py runs as a subprocess
+per variant (`padded`: as it trains by default; `padding_free`: with --padding_free) and reports its non-pad tokens/s
+and padding share in train_config.yaml. Printed: non-pad tokens/s of each, the ratios, the padding shares, and the
+pad-free limit (the bare loop's tokens/s / (1 - its padding share): what the bare loop would reach if its padding cost
+nothing). Timings go to RESULTS.md by hand, dated; this script only prints them.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import train  # noqa: E402
+from records import pad_batch  # noqa: E402
+
+PRESET = os.path.join(ROOT, "configs", "paper.yaml")
+
+
+def train_argv(args, output_dir, *extra):
+    return [PRESET, "--model_name_or_path", args.model, "--data_dir", args.data_dir, "--output_dir", output_dir,
+            "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
+            "--report_to", "none", "--save_minutes", "0", "--torch_dtype", args.dtype, *extra]
+
+
+def run_train_py(args, extra):
+    """train.py in a fresh process; returns its summary (tokens_per_second, padding_share, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_argv(args, out, *extra),
+                                 "--no_merge_lora"], env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"train.py {' '.join(extra)} failed:\n{result.stderr[-3000:]}")
+        with open(os.path.join(out, "train_config.yaml"), encoding="utf-8") as f:
+            return yaml.safe_load(f)["result"]
+
+
+def bare_loop(args):
+    """The hand-written loop on train.py's rows; returns (non-pad tokens/s, padding share)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model_args, data_args, train_args = train.parse_arguments(train_argv(args, os.path.join(tempfile.gettempdir(),
+                                                                                            "bench-unused")))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    examples = [e for rows in train.build_examples(tokenizer, data_args, train_args).values() for e in rows]
+    examples.sort(key=lambda e: len(e["input_ids"]))
+    batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    batches = [batches[i % len(batches)] for i in range(args.steps)]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                                             lora_dropout=model_args.lora_dropout, target_modules="all-linear"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_args.learning_rate,
+                                  weight_decay=train_args.weight_decay)
+    tokens = padded = 0
+    start = time.perf_counter()
+    for rows in batches:
+        batch = pad_batch(rows, tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        padded += batch["attention_mask"].numel()
+    return tokens / (time.perf_counter() - start), 1 - tokens / padded
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
+    parser.add_argument("--data_dir", default=os.path.join(ROOT, "data", "demo"))
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps of each side")
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per step (one micro-batch)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each side (run alone)")
+    parser.add_argument("--variants", default="padded,padding_free", help="train.py runs: padded, padding_free")
+    args = parser.parse_args()
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        sys.exit(f"{args.model}: no model; run python prepare_model.py first (or pass --model)")
+    torch.set_num_threads(args.threads)
+
+    bare_tps, bare_padding = bare_loop(args)
+    limit = bare_tps / (1 - bare_padding)
+    rows = [("bare loop (sorted, padded per batch)", bare_tps, bare_padding)]
+    for variant in args.variants.split(","):
+        summary = run_train_py(args, ["--padding_free"] if variant == "padding_free" else [])
+        rows.append((f"train.py {variant}", summary["tokens_per_second"], summary["padding_share"]))
+    print(f"{args.steps} steps, batch {args.batch_size}, {args.dtype}, {args.threads} thread(s), "
+          f"{torch.get_num_threads()} torch threads here, model {os.path.basename(args.model)}")
+    print(f"| run | non-pad tokens/s | x bare loop | padding share |\n|---|---|---|---|")
+    for name, tps, padding in rows:
+        print(f"| {name} | {tps:.1f} | {tps / bare_tps:.2f} | {padding:.3f} |")
+    print(f"pad-free limit (bare / (1 - its padding share)): {limit:.1f} tokens/s")
+    for name, tps, _ in rows[1:]:
+        print(f"{name}: {tps / limit:.2f} of the pad-free limit")
+
+
+if __name__ == "__main__":
+    main()
