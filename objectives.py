@@ -13,7 +13,6 @@ Retain batches use L_ntp, or ``kl`` (KL from the frozen reference's token distri
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 
 # alpha / L explodes as L -> 0 on memorised text. The value is floored at NLL_FLOOR (so the loss is at most

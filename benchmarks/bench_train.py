@@ -106,7 +106,7 @@ def main():
         rows.append((f"train.py {variant}", summary["tokens_per_second"], summary["padding_share"]))
     print(f"{args.steps} steps, batch {args.batch_size}, {args.dtype}, {args.threads} thread(s), "
           f"{torch.get_num_threads()} torch threads here, model {os.path.basename(args.model)}")
-    print(f"| run | non-pad tokens/s | x bare loop | padding share |\n|---|---|---|---|")
+    print("| run | non-pad tokens/s | x bare loop | padding share |\n|---|---|---|---|")
     for name, tps, padding in rows:
         print(f"| {name} | {tps:.1f} | {tps / bare_tps:.2f} | {padding:.3f} |")
     print(f"pad-free limit (bare / (1 - its padding share)): {limit:.1f} tokens/s")

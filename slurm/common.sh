@@ -12,6 +12,9 @@
 #   requeue_or_exit           requeues the job when train.py stopped for a checkpoint, else exits with its status
 
 job=${SLURM_JOB_ID:-0}
+# the artefact names, from their one place
+read -r train_record checkpoint_state checkpoints_dir < <(
+    python3 -c 'import artefacts as a; print(a.TRAIN_RECORD, a.CHECKPOINT_STATE, a.CHECKPOINTS_DIR)')
 # accelerate's multi-process launcher (torch elastic) forwards these signals to train.py, then waits this long for
 # it to checkpoint and exit before killing it (default 30 s)
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
@@ -29,8 +32,8 @@ train_arguments() {
     [ -n "$output_dir" ] || { echo "error: pass --output_dir on the command line" >&2; exit 2; }
     # one TensorBoard run per job (a requeued job keeps its id, so it continues the same run)
     local extra=(--run_name "${SLURM_JOB_NAME:-unlearn}-$job")
-    # a finished checkpoint (train.py writes trainer_state.json last) means an earlier run of this job was stopped
-    if compgen -G "$output_dir/checkpoints/step-*/trainer_state.json" > /dev/null; then
+    # a finished checkpoint (train.py writes its state file last) means an earlier run of this job was stopped
+    if compgen -G "$output_dir/$checkpoints_dir/step-*/$checkpoint_state" > /dev/null; then
         extra+=(--resume_from_checkpoint latest)
     fi
     # a YAML config must stay the first argument of train.py
@@ -73,8 +76,8 @@ run_until_stopped() {
 
 requeue_or_exit() {
     # 75 = train.py saved a preemption checkpoint. accelerate launch reports any failure of its processes as 1, so a
-    # stop we asked for also counts when the run did not finish (train_config.yaml is written last).
-    if [ "$status" = 75 ] || { [ "$stopping" = 1 ] && [ ! -f "$output_dir/train_config.yaml" ]; }; then
+    # stop we asked for also counts when the run did not finish (train.py writes its record last).
+    if [ "$status" = 75 ] || { [ "$stopping" = 1 ] && [ ! -f "$output_dir/$train_record" ]; }; then
         if [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES:-20}" ]; then
             echo "$(date '+%F %T') job $job: requeued (exit status $status); it resumes from the last checkpoint"
             scontrol requeue "$job"
