@@ -1,5 +1,6 @@
 # make demo        the whole job on a real pretrained model (SmolLM2-135M, CPU, no hub): runs/demo/report.md
-# make test        the test suite (the README's test command)
+# make test        the full test suite (what CI runs)
+# make test-fast   the fast lane: the suite without the tests marked slow
 # make clean-demo  forget the demo's results (runs/demo) so the next `make demo` starts over; keeps the model
 #
 # Both create .venv first if it is missing, with the same install steps as .ci/run.
@@ -9,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 DEMO_ARGS ?=
 
-.PHONY: demo test clean-demo
+.PHONY: demo test test-fast clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 clean-demo:
 	rm -rf runs/demo

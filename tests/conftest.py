@@ -9,6 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: launches processes or trains for many steps (10 s or more here); "
+                                       "the fast lane, pytest -m 'not slow', leaves them out")
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Dr. Smith paid 3.5 dollars; then he left!",
     "Who was born in Paris? Marie was born in Paris in 1867. Her phone number is 555-0100.",

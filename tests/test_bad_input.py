@@ -453,6 +453,7 @@ def cpu_env(cpu):
     return env
 
 
+@pytest.mark.slow
 def test_avx512_bf16_branch_is_forced():
     """Without cli's filter, importing bitsandbytes on the forced branch prints the warning: the test below can fail."""
     code = "import peft"  # what train.py's model loading imports; peft imports bitsandbytes
@@ -465,6 +466,7 @@ def test_avx512_bf16_branch_is_forced():
     assert "gemm_4bit_forward" not in filtered.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu", ["as-is", "avx512_bf16"])
 def test_real_exit_path(tmp_path, tiny_model_dir, cpu):
     """Two cases through ``python train.py`` (run concurrently to keep CI fast): the real stderr and exit code, on

@@ -333,6 +333,7 @@ def test_best_checkpoint_is_the_step_with_the_best_score_also_after_resume(tmp_p
     assert all(torch.allclose(resumed[k], four[k], atol=1e-6) for k in resumed)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_across_two_processes(tmp_path, tiny_model_dir):
     """Real dev evaluations (rows sharded over 2 processes): the same best step and adapter as 1 process x 2
     accumulation steps, and the best step is the one with the highest printed dev metric."""

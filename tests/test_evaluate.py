@@ -397,6 +397,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_multi_process_matches_single_process(tiny_model_dir, cli_inputs):
     """accelerate launch with 2 CPU processes (gloo): every row once, same numbers as one process."""
     args = ["--model_name_or_path", tiny_model_dir, "--data_dir", str(cli_inputs / "data"),

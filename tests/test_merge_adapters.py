@@ -228,6 +228,7 @@ def test_bad_input(name, adapters, tiny_model_dir, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_bad_input_as_a_real_process(adapters, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     before = snapshot(tmp_path, tiny_model_dir)

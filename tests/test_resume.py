@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import train
 from conftest import ROOT, make_unlearning_data
 
+pytestmark = pytest.mark.slow  # subprocess runs killed and resumed
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 

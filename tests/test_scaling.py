@@ -23,6 +23,8 @@ import train
 from cli import run_main
 from conftest import ROOT, make_unlearning_data, reset_accelerate
 
+pytestmark = pytest.mark.slow  # subprocess launches: DDP, ZeRO, DeepSpeed
+
 # lr 1e-2 and no warmup so the adapter moves far beyond the tolerance; clipping at 0.5 is active (the LoRA gradient
 # norm of this model starts near 1), so DeepSpeed must clip at --max_grad_norm, not its own default of 1.0
 TRAIN_ARGS = ["--augment", "none", "--per_device_train_batch_size", "2", "--num_train_epochs", "2",

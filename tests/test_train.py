@@ -109,6 +109,7 @@ def test_refuses_output_dir_equal_to_model_dir(tmp_path):
     assert sorted(os.listdir(model_dir)) == before
 
 
+@pytest.mark.slow
 def test_run_record_names_its_origin_and_reruns_the_same_configuration(tmp_path, tiny_model_dir):
     """train_config.yaml records the preset, versions, commit, times and the real run name; fed back as a preset it
     reruns the same configuration (same adapter); the header and the closing block say what happened."""
@@ -145,6 +146,7 @@ def test_run_record_names_its_origin_and_reruns_the_same_configuration(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_building_a_target_is_labelled_fine_tuning(tmp_path, tiny_model_dir):
     data = make_unlearning_data(tmp_path / "data", n_docs=2)
     result = run_train_cli(os.path.join(ROOT, "configs", "target.yaml"), "--model_name_or_path", tiny_model_dir,
@@ -154,6 +156,7 @@ def test_building_a_target_is_labelled_fine_tuning(tmp_path, tiny_model_dir):
     assert "fine-tuning:" in result.stderr and "unlearning:" not in result.stderr
 
 
+@pytest.mark.slow
 def test_lr_is_the_rate_each_step_trained_at_and_logging_steps_average(tmp_path, tiny_model_dir):
     """The logged lr is the one the step used (transformers' cosine schedule recomputed by hand); --logging_steps 3
     logs at steps 3, 6, ... and the last, each scalar the mean of those steps' values in the every-step run."""
@@ -185,6 +188,7 @@ def test_lr_is_the_rate_each_step_trained_at_and_logging_steps_average(tmp_path,
     assert dict(curves[3]["epoch"]) == {step: dict(curves[1]["epoch"])[step] for step in every3}
 
 
+@pytest.mark.slow
 def test_lora_target_modules_and_trackers(tmp_path, tiny_model_dir):
     import yaml
     from safetensors.torch import load_file
@@ -264,6 +268,7 @@ def read_batch_log(out_dir):
     return entries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_launch_end_to_end(tmp_path, tiny_model_dir, num_processes):
     from peft import PeftModel
@@ -376,6 +381,7 @@ def test_an_unreachable_hub_is_one_line_with_what_to_do(monkeypatch, tmp_path):
     assert len(tries) == 1
 
 
+@pytest.mark.slow
 def test_dataset_name_from_a_local_dataset_dir_trains_like_the_same_rows_in_files(tmp_path, tiny_model_dir):
     """--dataset_name DIR (DatasetDict.save_to_disk, split names as the LUME Hub release's) gives the adapter the
     same rows as JSONL files give; its rows get the same checks, with one-line errors."""
