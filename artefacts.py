@@ -5,6 +5,7 @@ to a temp file beside their target and are renamed; a run's outputs go to a stag
 completion marker last.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +15,22 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: its p
 CHECKPOINTS_DIR = "checkpoints"
 RESULTS_FILE = "evaluation_results.json"  # evaluate.py writes it last
 MODEL_CARD = "README.md"  # the Hub shows it
+
+
+def read_results(path, option=""):
+    """evaluate.py's results dict from its output dir (or the json itself), with one-line errors naming the dir
+    (and the option it came from)."""
+    from cli import InputError  # cli imports transformers: not at the top, so the sbatch scripts read names fast
+
+    file = path if path.endswith(".json") else os.path.join(path, RESULTS_FILE)
+    where = f"{option} {path}" if option else path
+    if not os.path.isfile(file):
+        raise InputError(f"{where}: no {RESULTS_FILE} (run evaluate.py with --output_dir {path} first)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{file}: not valid JSON ({error.msg})") from None
 
 
 def write_atomic(path, data):

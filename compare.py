@@ -8,14 +8,13 @@ and score, MMLU and the final score; a run missing MIA or MMLU has no official f
 partial mean marked "(partial, no ...)". A second table shows every MIA attack's AUC and score (mia.py).
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import mia
 import scoring
-from artefacts import RESULTS_FILE, save_figure, write_atomic
+from artefacts import RESULTS_FILE, read_results, save_figure, write_atomic
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
@@ -28,18 +27,6 @@ class CompareArguments:
     output_dir: str = field(default="", metadata={"help": "Where comparison.md and comparison.png go."})
     names: str = field(default="", metadata={"help": "Comma-separated row names (default: each run's dir name; "
                                               "for .../NAME/eval, NAME)."})
-
-
-def load_results(path):
-    """evaluation_results.json of a run dir (or the file itself)."""
-    file = path if path.endswith(".json") else os.path.join(path, RESULTS_FILE)
-    if not os.path.isfile(file):
-        raise InputError(f"{path}: no {RESULTS_FILE} (run evaluate.py with --output_dir {path} first)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{file}: not valid JSON ({error.msg})") from None
 
 
 def run_name(path):
@@ -160,7 +147,7 @@ def main(argv=None):
     names = [n.strip() for n in args.names.split(",")] if args.names else [run_name(path) for path in runs]
     if len(names) != len(runs):
         raise InputError(f"--names has {len(names)} names for {len(runs)} runs")
-    named_results = [(name, load_results(path)) for name, path in zip(names, runs)]
+    named_results = [(name, read_results(path)) for name, path in zip(names, runs)]
     table_path, plot_path = write_comparison(named_results, args.output_dir)
     print(comparison_table(named_results))
     print(f"wrote {table_path} and {plot_path}")

@@ -10,7 +10,6 @@ YAML metadata the Hub reads (base_model, library_name, tags, datasets) and a mar
 huggingface_hub's ModelCard.
 """
 
-import json
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 import scoring
-from artefacts import CHECKPOINTS_DIR, MODEL_CARD, RESULTS_FILE, TRAIN_RECORD, write_atomic
+from artefacts import CHECKPOINTS_DIR, MODEL_CARD, TRAIN_RECORD, read_results, write_atomic
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
@@ -139,17 +138,6 @@ def read_record(model_dir):
         return yaml.safe_load(f)
 
 
-def read_results(eval_dir):
-    path = eval_dir if eval_dir.endswith(".json") else os.path.join(eval_dir, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise InputError(f"--eval_dir {eval_dir}: no {RESULTS_FILE}; run evaluate.py with --output_dir {eval_dir}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: not valid JSON ({error.msg})") from None
-
-
 def write_card(card, directory):
     """README.md (the card) in directory, atomically."""
     path = os.path.join(directory, MODEL_CARD)
@@ -192,7 +180,7 @@ def main(argv=None):
     if not model_dir:
         raise InputError("give the output dir of a train.py run first, e.g. python model_card.py runs/unlearn")
     record = read_record(model_dir)
-    results = read_results(args.eval_dir) if args.eval_dir else None
+    results = read_results(args.eval_dir, "--eval_dir") if args.eval_dir else None
     path = write_card(build_card(record, results), model_dir)
     print(f"wrote {path}")
     if args.push_to_hub:

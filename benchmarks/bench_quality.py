@@ -242,9 +242,10 @@ def plan(args, has_gpu=False):
 
 def write_table(args, names):
     """quality.md + quality.png: compare.py's table and chart, plus mean(task aggregate, MIA score) ranked."""
-    from compare import comparison_table, load_results, plot_comparison
+    from artefacts import read_results
+    from compare import comparison_table, plot_comparison
 
-    named = [(name, load_results(os.path.join(args.run_dir, f"eval-{name}"))) for name in names
+    named = [(name, read_results(os.path.join(args.run_dir, f"eval-{name}"))) for name in names
              if os.path.isfile(os.path.join(args.run_dir, f"eval-{name}", RESULTS_FILE))]
     plot = os.path.join(args.run_dir, "quality.png")
     plot_comparison(named, plot)
