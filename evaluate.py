@@ -9,11 +9,11 @@ other membership inference attacks of mia.py (Min-K%, Min-K%++, zlib, reference 
 
 Writes ``OUT/evaluation_results.json`` (official keys + extras), per-row ``forget.csv``/``retain.csv``,
 ``mia_losses.csv``, ``mmlu_per_subject.csv`` and ``scores.png``; everything appears at once, the json last.
-The metric code lives in scoring.py; this file runs the model and handles files.
+The metric code lives in scoring.py; generation.py, mia.py and mmlu.py run the model; this file shards the work
+over processes and handles the command line and the files.
 """
 
 import dataclasses
-import glob
 import json
 import os
 import statistics
@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import cli
+import generation
 import mia
+import mmlu
 import records
 import scoring
 from artefacts import RESULTS_FILE
@@ -35,7 +37,6 @@ MIA_COLUMNS = ["set", "id", "loss"]
 # Per-document statistics of the other attacks (mia.py); optional, so CSVs of older runs still rescore.
 MIA_EXTRA_COLUMNS = ["min_k_fraction", "min_k", "min_k_plus_plus", "zlib", "reference_loss"]
 MMLU_COLUMNS = ["subject", "category", "n", "correct", "accuracy"]
-MMLU_MAX_PROMPT_TOKENS = 2048  # the reference harness drops worked examples until the prompt fits
 
 
 @dataclass
@@ -134,316 +135,7 @@ def run_sharded(items, work, accelerator=None):
     return [by_index[i] for i in range(len(items))]
 
 
-def _progress(total, desc, show):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=True)
-
-
-def _batches_by_length(lengths, batch_size):
-    """Index batches of similar length, longest first (an out-of-memory shows at once).
-
-    A sequence also starts a new batch when padding it to the batch's longest would more than double it (+32
-    tokens of slack): a short QA question padded to a 300-token story prompt costs a full prefill and, on a
-    compute-bound CPU, a full decoding row, for nothing.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] <= 2 * lengths[i] + 32:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-# generation_config fields that would change which token greedy decoding picks, with their neutral values.
-GREEDY_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
-                  "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                  "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
-                  "exponential_decay_length_penalty": None, "stop_strings": None}
-
-
-def ignored_generation_settings(model):
-    """generation_config settings that ``model.generate`` would apply and plain greedy decoding ignores."""
-    config = getattr(model, "generation_config", None)
-    return {name: getattr(config, name) for name, neutral in GREEDY_NEUTRAL.items()
-            if getattr(config, name, neutral) not in (neutral, None)}
-
-
-def _stop_token_ids(model, tokenizer):
-    """The ids greedy generation stops at: the model's generation config eos, else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-# --- model running --------------------------------------------------------------------------------------------------
-
-def clean_up_tokenization(text):
-    """transformers 4.x's ``clean_up_tokenization_spaces=True`` step, which the official scorer (Jan 2025) applied
-    to every decode. transformers 5 silently skips it for BPE tokenizers (OLMo's included), so it is applied here
-    explicitly to reproduce the official strings (e.g. 'Paris .' -> 'Paris.', which changes an exact match)."""
-    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
-            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
-            .replace(" 're", "'re"))
-
-
-def decode_generation(tokenizer, new_ids):
-    """New tokens -> text as the official scorer decoded them: special tokens skipped, 4.x clean-up applied."""
-    text = tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return clean_up_tokenization(text)
-
-
-def generate_outputs(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, show_progress=False):
-    """Greedy continuations of raw prompts, decoded without special tokens, in input order.
-
-    Prompts are tokenised as the official scorer does (records.encode_prompt). Up to ``batch_size`` rows decode
-    together (continuous batching): a row leaves the batch at its first stop token, and when half the batch has
-    left, waiting prompts join it, prefilled in groups of similar length. So neither prompt padding nor finished rows
-    cost decoding steps, which is where ``model.generate`` on fixed batches spends its time (a batch pads to its
-    longest prompt and decodes until its longest answer ends). Rows are left-padded and masked, with positions
-    counted from their first real token: in float32 the strings equal batch-size-1 generation.
-    """
-    import torch
-
-    encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise InputError(f"prompt {i} ({prompts[i][:40]!r}) tokenises to nothing; cannot generate from it")
-    ignored = ignored_generation_settings(model)
-    if ignored:
-        print(f"[WARNING] the model's generation_config sets {ignored}; evaluate.py decodes plain greedy, as the "
-              f"official scorer did for the challenge's OLMo models, and ignores them", file=sys.stderr)
-    stop_ids = set(_stop_token_ids(model, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    device = next(model.parameters()).device
-    waiting = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: an OOM shows at once
-    new_tokens = [[] for _ in prompts]
-    batch = None
-    bar = _progress(len(prompts), "generate", show_progress)
-    with torch.no_grad():
-        while waiting or batch is not None:
-            if waiting and (batch is None or (len(batch.rows) <= batch_size // 2 and batch.can_merge)):
-                joining = waiting[:batch_size - (len(batch.rows) if batch else 0)]
-                waiting = waiting[len(joining):]
-                for group in _batches_by_length([len(encoded[i]) for i in joining], batch_size):
-                    rows = [joining[j] for j in group]
-                    prefilled = _DecodingBatch.prefill(model, rows, [encoded[i] for i in rows], pad_id, device)
-                    batch = prefilled if batch is None else batch.merge(prefilled, model.config)
-            next_tokens = batch.logits.argmax(dim=-1)
-            keep = []
-            for position, (row, token) in enumerate(zip(batch.rows, next_tokens.tolist())):
-                new_tokens[row].append(token)
-                if token in stop_ids or len(new_tokens[row]) == max_new_tokens:
-                    bar.update(1)
-                else:
-                    keep.append(position)
-            batch = batch.select(keep)
-            if batch is not None:
-                batch.step(model, next_tokens[keep])
-    bar.close()
-    return [decode_generation(tokenizer, ids) for ids in new_tokens]
-
-
-class _DecodingBatch:
-    """Rows being decoded together: their KV cache, 2-D attention mask (0 = left padding), the position of each
-    row's next token, and the logits predicting it."""
-
-    def __init__(self, rows, cache, attention_mask, next_positions, logits):
-        self.rows, self.cache, self.attention_mask = rows, cache, attention_mask
-        self.next_positions, self.logits = next_positions, logits
-        # Merging rebuilds the cache layer by layer, which is only right for plain (non-sliding) layers; other
-        # caches run as fixed batches that still drop finished rows.
-        from transformers.cache_utils import DynamicLayer
-
-        self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
-
-    @classmethod
-    def prefill(cls, model, rows, encoded, pad_id, device):
-        from transformers import DynamicCache
-
-        padded = records.pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="left")
-        attention_mask = padded["attention_mask"].to(device)
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=padded["input_ids"].to(device), attention_mask=attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        return cls(rows, cache, attention_mask, positions[:, -1] + 1, logits)
-
-    def step(self, model, tokens):
-        """Feed one token per row; the logits for the next one replace the current."""
-        import torch
-
-        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
-        self.logits = model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
-                            position_ids=self.next_positions[:, None], past_key_values=self.cache,
-                            use_cache=True).logits[:, -1]
-        self.next_positions = self.next_positions + 1
-
-    def select(self, keep):
-        """Keep only the rows at these positions (None when none is left)."""
-        import torch
-
-        if not keep:
-            return None
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, device=self.logits.device)
-            self.cache.batch_select_indices(index)
-            self.rows = [self.rows[i] for i in keep]
-            self.attention_mask, self.next_positions = self.attention_mask[index], self.next_positions[index]
-            self.logits = self.logits[index]
-        return self
-
-    def merge(self, other, config):
-        """One batch of both: caches and masks left-padded to a common width, columns that are padding in every
-        row dropped."""
-        import torch
-        from transformers import DynamicCache
-
-        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-
-        def pad_left(tensor, dim):
-            missing = width - tensor.shape[dim]
-            if not missing:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = missing
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-        attention_mask = torch.cat([pad_left(self.attention_mask, 1), pad_left(other.attention_mask, 1)])
-        start = int(attention_mask.any(dim=0).int().argmax())  # first column holding a real token of some row
-        cache = DynamicCache(config=config)
-        for index, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
-            keys = torch.cat([pad_left(mine.keys, 2), pad_left(theirs.keys, 2)])[:, :, start:]
-            values = torch.cat([pad_left(mine.values, 2), pad_left(theirs.values, 2)])[:, :, start:]
-            cache.update(keys, values, index)
-        return _DecodingBatch(self.rows + other.rows, cache, attention_mask[:, start:],
-                              torch.cat([self.next_positions, other.next_positions]),
-                              torch.cat([self.logits, other.logits]))
-
-
-def document_losses(model, tokenizer, documents, batch_size=16, show_progress=False):
-    """Mean next-token cross-entropy of each whole document (labels = input ids, tokenizer defaults), as
-    ``model(ids, labels=ids).loss`` gives it one at a time. Right padding is masked out of the mean.
-    """
-    return [row["loss"] for row in document_statistics(model, tokenizer, documents, batch_size,
-                                                        show_progress=show_progress)]
-
-
-def document_statistics(model, tokenizer, documents, batch_size=16, k=mia.DEFAULT_MIN_K, show_progress=False):
-    """Per document {loss, min_k, min_k_plus_plus, zlib} (mia.py), the model run once per batch of similar
-    length. ``loss`` is the official attack's statistic."""
-    encoded = [tokenizer(document)["input_ids"] for document in documents]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stats = [None] * len(documents)
-    bar = _progress(len(documents), "mia", show_progress)
-    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
-        rows = mia.batch_statistics(model, [encoded[i] for i in batch], [documents[i] for i in batch], pad_id, k)
-        for i, row in zip(batch, rows):
-            stats[i] = row
-        bar.update(len(batch))
-    bar.close()
-    return stats
-
-
-def choice_logits(model, tokenizer, prompts, batch_size=16, show_progress=False):
-    """Next-token logits of " A".." D" after each prompt (left-padded batches, positions counted from the first
-    real token, so padding changes nothing)."""
-    import torch
-
-    choice_ids = scoring.mmlu_choice_token_ids(tokenizer)
-    encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    results = [None] * len(prompts)
-    bar = _progress(len(prompts), "mmlu", show_progress)
-    for batch in _batches_by_length([len(ids) for ids in encoded], batch_size):
-        examples = [{"input_ids": encoded[i]} for i in batch]
-        padded = records.pad_batch(examples, pad_id, padding_side="left")
-        attention_mask = padded["attention_mask"].to(device)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=padded["input_ids"].to(device), attention_mask=attention_mask,
-                           position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
-        for i, row in zip(batch, logits[:, choice_ids].float().tolist()):
-            results[i] = row
-        bar.update(len(batch))
-    bar.close()
-    return results
-
-
-# --- data -----------------------------------------------------------------------------------------------------------
-
-def _read_mmlu_csv(path):
-    """Rows (question, [A, B, C, D], answer) of a headerless Hendrycks CSV, strings kept exactly as written."""
-    import csv
-
-    rows = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            for line_number, row in enumerate(csv.reader(f), start=1):
-                if len(row) != 6:
-                    raise InputError(f"{path}: row {line_number} has {len(row)} fields "
-                                     f"(expected question,A,B,C,D,answer)")
-                if row[5].strip() not in scoring.MMLU_CHOICES:
-                    raise InputError(f"{path}: row {line_number} answer {row[5]!r} is not A, B, C or D")
-                rows.append((row[0], row[1:5], row[5].strip()))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    return rows
-
-
-def load_mmlu(mmlu_dir, ntrain=0, limit=0):
-    """MMLU questions as dicts {subject, question, choices, answer, shots}, subjects in name order."""
-    test_dir = os.path.join(mmlu_dir, "test")
-    if not os.path.isdir(test_dir):
-        raise InputError(f"--mmlu_dir {mmlu_dir}: no test/ directory (expected test/<subject>_test.csv)")
-    paths = sorted(glob.glob(os.path.join(test_dir, "*_test.csv")))
-    if not paths:
-        raise InputError(f"--mmlu_dir {mmlu_dir}: no <subject>_test.csv files in test/")
-    questions = []
-    from_test = []
-    for path in paths:
-        subject = os.path.basename(path)[:-len("_test.csv")]
-        rows = _read_mmlu_csv(path)
-        dev_path = os.path.join(mmlu_dir, "dev", f"{subject}_dev.csv")
-        dev_shots = _read_mmlu_csv(dev_path)[:ntrain] if ntrain and os.path.isfile(dev_path) else None
-        if ntrain and dev_shots is None:
-            from_test.append(subject)
-        for index, (question, choices, answer) in enumerate(rows[:limit] if limit else rows):
-            if not ntrain:
-                shots, shots_from = [], "none"
-            elif dev_shots is not None:
-                shots, shots_from = dev_shots, "dev"  # the reference harness: the subject's first ntrain dev rows
-            else:
-                # No dev split (the shared copy has test/ only): the first ntrain *other* questions of the subject,
-                # so no question is shown its own answer, and the scored questions are the same as at 0 shots.
-                shots, shots_from = [row for j, row in enumerate(rows) if j != index][:ntrain], "test"
-            questions.append({"subject": subject, "question": question, "choices": choices, "answer": answer,
-                              "shots": shots, "shots_from": shots_from})
-    if from_test:
-        print(f"[WARNING] --mmlu_ntrain {ntrain}: no dev/<subject>_dev.csv for {len(from_test)} subject(s) "
-              f"({from_test[0]}, ...); their worked examples are the first {ntrain} other questions of the test "
-              f"CSV (the reference harness takes them from dev/)", file=sys.stderr)
-    return questions
-
-
-def mmlu_prompts(tokenizer, questions):
-    """Prompts for the questions, with as many worked examples as fit in 2048 tokens (as the reference harness)."""
-    prompts = []
-    for q in questions:
-        k = len(q["shots"])
-        prompt = scoring.mmlu_prompt(q["subject"], q["question"], q["choices"], q["shots"][:k])
-        while k > 0 and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > MMLU_MAX_PROMPT_TOKENS:
-            k -= 1
-            prompt = scoring.mmlu_prompt(q["subject"], q["question"], q["choices"], q["shots"][:k])
-        prompts.append(prompt)
-    return prompts
-
-
-# --- evaluation -----------------------------------------------------------------------------------------------------
+# --- evaluation: generation.py, mia.py and mmlu.py run the model, sharded here ------------------------------------
 
 def evaluate_model(model, tokenizer, forget_records=None, retain_records=None, member_documents=None,
                    nonmember_documents=None, mmlu_questions=None, max_new_tokens=256, batch_size=16,
@@ -486,7 +178,7 @@ def reference_document_losses(model, tokenizer, member_documents, nonmember_docu
     """The reference model's loss per MIA document (members first), for evaluate_model's ``reference_losses``."""
     texts = [text for _, (_, text) in mia_documents(member_documents, nonmember_documents)]
     model.eval()
-    return run_sharded(texts, lambda chunk: document_losses(model, tokenizer, chunk, batch_size, show_progress),
+    return run_sharded(texts, lambda chunk: mia.document_losses(model, tokenizer, chunk, batch_size, show_progress),
                        accelerator)
 
 
@@ -499,7 +191,7 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
     if splits:
         t0 = time.perf_counter()
         # Both splits in one queue, so the decoding batch stays full longer.
-        outputs = run_sharded([r.input for _, rows in splits for r in rows], lambda prompts: generate_outputs(
+        outputs = run_sharded([r.input for _, rows in splits for r in rows], lambda prompts: generation.generate_outputs(
             model, tokenizer, prompts, max_new_tokens, batch_size, show_progress), accelerator)
         timings["generation_s"] = time.perf_counter() - t0
         for split, rows in splits:
@@ -509,7 +201,7 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
     if member_documents and nonmember_documents:
         t0 = time.perf_counter()
         documents = mia_documents(member_documents, nonmember_documents)
-        stats = run_sharded([text for _, (_, text) in documents], lambda texts: document_statistics(
+        stats = run_sharded([text for _, (_, text) in documents], lambda texts: mia.document_statistics(
             model, tokenizer, texts, batch_size, mia_min_k, show_progress), accelerator)
         tables["mia"] = [{"set": kind, "id": doc_id, "loss": row["loss"], "min_k_fraction": mia_min_k,
                           "min_k": row["min_k"], "min_k_plus_plus": row["min_k_plus_plus"], "zlib": row["zlib"]}
@@ -522,24 +214,13 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
         timings["mia_s"] = time.perf_counter() - t0
     if mmlu_questions:
         t0 = time.perf_counter()
-        prompts = mmlu_prompts(tokenizer, mmlu_questions)
-        logits = run_sharded(prompts, lambda chunk: choice_logits(model, tokenizer, chunk, batch_size,
-                                                                  show_progress), accelerator)
-        tables["mmlu"] = mmlu_subject_rows(mmlu_questions, [scoring.mmlu_pick(row) for row in logits])
+        prompts = mmlu.mmlu_prompts(tokenizer, mmlu_questions)
+        logits = run_sharded(prompts, lambda chunk: mmlu.choice_logits(model, tokenizer, chunk, batch_size,
+                                                                       show_progress), accelerator)
+        tables["mmlu"] = mmlu.mmlu_subject_rows(mmlu_questions, [scoring.mmlu_pick(row) for row in logits])
         timings["mmlu_s"] = time.perf_counter() - t0
     timings["model_s"] = time.perf_counter() - start
     return tables, timings
-
-
-def mmlu_subject_rows(questions, predictions):
-    """Per-subject {subject, category, n, correct, accuracy} in subject order."""
-    counts = {}
-    for q, predicted in zip(questions, predictions):
-        entry = counts.setdefault(q["subject"], [0, 0])
-        entry[0] += int(predicted == q["answer"])
-        entry[1] += 1
-    return [{"subject": s, "category": scoring.mmlu_category(s), "n": n, "correct": c, "accuracy": c / n}
-            for s, (c, n) in counts.items()]
 
 
 def compute_results(tables, length_threshold=0, mmlu_threshold=0.371):
@@ -778,7 +459,7 @@ def main(argv=None):
             raise InputError(f"--mia_data_dir {args.mia_data_dir}: directory not found")
         members = records.load_documents(os.path.join(args.mia_data_dir, "member.jsonl"))
         nonmembers = records.load_documents(os.path.join(args.mia_data_dir, "nonmember.jsonl"))
-    questions = load_mmlu(args.mmlu_dir, args.mmlu_ntrain, args.mmlu_limit) if args.mmlu_dir else None
+    questions = mmlu.load_mmlu(args.mmlu_dir, args.mmlu_ntrain, args.mmlu_limit) if args.mmlu_dir else None
     if not (forget_records or retain_records or members or questions):
         raise InputError("nothing to evaluate: give --data_dir/--forget_file/--retain_file, --mia_data_dir "
                          "or --mmlu_dir")

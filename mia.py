@@ -20,6 +20,7 @@ import zlib
 
 import records
 import scoring
+from batches import map_length_batches
 
 DEFAULT_MIN_K = 0.2
 # name -> the sign that makes "more member-like" rank higher: higher (normalised) log-probs are more member-like,
@@ -130,3 +131,20 @@ def result_keys(name):
     if name == "loss":
         return "mia_loss_acc", "mia_final_score"
     return f"mia_{name}_auc", f"mia_{name}_score"
+
+
+def document_losses(model, tokenizer, documents, batch_size=16, show_progress=False):
+    """Mean next-token cross-entropy of each whole document (labels = input ids, tokenizer defaults), as
+    ``model(ids, labels=ids).loss`` gives it one at a time. Right padding is masked out of the mean.
+    """
+    return [row["loss"] for row in document_statistics(model, tokenizer, documents, batch_size,
+                                                        show_progress=show_progress)]
+
+
+def document_statistics(model, tokenizer, documents, batch_size=16, k=DEFAULT_MIN_K, show_progress=False):
+    """Per document {loss, min_k, min_k_plus_plus, zlib}, the model run once per batch of similar length. ``loss``
+    is the official attack's statistic."""
+    encoded = [tokenizer(document)["input_ids"] for document in documents]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return map_length_batches(encoded, batch_size, lambda batch: batch_statistics(
+        model, [encoded[i] for i in batch], [documents[i] for i in batch], pad_id, k), "mia", show_progress)

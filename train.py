@@ -564,7 +564,7 @@ def calibrated_rows(row_nll, targets):
 
 def load_dev_slice(data_args, train_args, calibration_rows):
     """(forget rows, retain rows, member documents, nonmember documents, MMLU questions) for --eval_steps."""
-    from evaluate import load_mmlu
+    from mmlu import load_mmlu
 
     forget_path, retain_path = data_sources(data_args)
     limit = train_args.eval_rows or None

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
+import mmlu  # noqa: E402
 import records  # noqa: E402
 import scoring  # noqa: E402
 from modeling import load_for_inference  # noqa: E402
@@ -39,9 +40,9 @@ def run_generation(model, tokenizer, splits, max_new_tokens, batch_size):
 
 def run_mmlu(model, tokenizer, questions, batch_size):
     t0, c0 = time.perf_counter(), time.process_time()
-    logits = evaluate.choice_logits(model, tokenizer, evaluate.mmlu_prompts(tokenizer, questions), batch_size)
+    logits = mmlu.choice_logits(model, tokenizer, mmlu.mmlu_prompts(tokenizer, questions), batch_size)
     picks = [scoring.mmlu_pick(row) for row in logits]
-    summary = scoring.mmlu_summary(evaluate.mmlu_subject_rows(questions, picks))
+    summary = scoring.mmlu_summary(mmlu.mmlu_subject_rows(questions, picks))
     return (time.perf_counter() - t0, time.process_time() - c0), summary["mmlu_average"], picks
 
 
@@ -79,7 +80,7 @@ def main():
         print(f"generation batch {batch_size}: {runs[batch_size][0][0]:.1f}s", flush=True)
     mmlu = {}
     if args.mmlu_limit >= 0:
-        questions = evaluate.load_mmlu(args.mmlu_dir, limit=args.mmlu_limit)
+        questions = mmlu.load_mmlu(args.mmlu_dir, limit=args.mmlu_limit)
         for batch_size in batch_sizes:
             mmlu[batch_size] = run_mmlu(model, tokenizer, questions, batch_size)
             print(f"mmlu batch {batch_size} ({len(questions)} questions): {mmlu[batch_size][0][0]:.1f}s", flush=True)

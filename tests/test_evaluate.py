@@ -10,7 +10,11 @@ import sys
 import pytest
 import torch
 
+import batches
 import evaluate
+import generation
+import mia
+import mmlu
 import scoring
 from cli import InputError, run_main
 from conftest import CORPUS, ROOT, save_tiny_model, shared_path
@@ -53,16 +57,16 @@ def official_generation(model, tokenizer, prompt, max_new_tokens):
                              pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.batch_decode(out[:, len(input_ids[0]):], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)[0]
-    return evaluate.clean_up_tokenization(text)
+    return generation.clean_up_tokenization(text)
 
 
 # --- generation -----------------------------------------------------------------------------------------------------
 
 def test_batched_generation_equals_batch_one_and_official_loop(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    one = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
-    batched = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=4)
-    everything = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+    one = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
+    batched = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=4)
+    everything = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
     assert one == batched == everything
     assert one == [official_generation(model, tokenizer, prompt, 24) for prompt in PROMPTS]
     assert all(text for text in one)
@@ -70,7 +74,7 @@ def test_batched_generation_equals_batch_one_and_official_loop(model_and_tokeniz
 
 def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    free = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+    free = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
     # Stop tokens taken from the free continuations at different steps (2, 8, 11 of three prompts): rows that
     # produce one end early, at different steps, the others run to max_new_tokens.
     free_ids = []
@@ -81,7 +85,7 @@ def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
         free_ids.append(out[0, input_ids.shape[1]:].tolist())
     stop_ids = [free_ids[0][2], free_ids[2][8], free_ids[6][11]]
     merges = []
-    merge = evaluate._DecodingBatch.merge
+    merge = generation.DecodingBatch.merge
 
     def counting_merge(self, other, config):
         merges.append((len(self.rows), len(other.rows)))
@@ -90,12 +94,12 @@ def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = stop_ids
     try:
-        one = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
-        batched = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
+        one = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=1)
+        batched = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=16)
         # Batch 3: as rows stop, waiting prompts join the rows still decoding (their caches merged).
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(evaluate._DecodingBatch, "merge", counting_merge)
-            joined = evaluate.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=3)
+            patch.setattr(generation.DecodingBatch, "merge", counting_merge)
+            joined = generation.generate_outputs(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=3)
         official = [official_generation(model, tokenizer, prompt, 24) for prompt in PROMPTS]
     finally:
         model.generation_config.eos_token_id = saved
@@ -106,12 +110,12 @@ def test_batched_generation_stops_like_batch_one(model_and_tokenizer):
 
 def test_generation_settings_that_greedy_decoding_ignores_are_named(model_and_tokenizer, capsys):
     model, tokenizer = model_and_tokenizer
-    assert evaluate.ignored_generation_settings(model) == {}
+    assert generation.ignored_generation_settings(model) == {}
     saved = model.generation_config.repetition_penalty
     model.generation_config.repetition_penalty = 1.3
     try:
-        assert evaluate.ignored_generation_settings(model) == {"repetition_penalty": 1.3}
-        evaluate.generate_outputs(model, tokenizer, PROMPTS[:1], max_new_tokens=2)
+        assert generation.ignored_generation_settings(model) == {"repetition_penalty": 1.3}
+        generation.generate_outputs(model, tokenizer, PROMPTS[:1], max_new_tokens=2)
     finally:
         model.generation_config.repetition_penalty = saved
     assert "repetition_penalty" in capsys.readouterr().err
@@ -126,16 +130,16 @@ def test_decoding_batch_merge_and_select_keep_each_rows_logits(model_and_tokeniz
     pad_id = tokenizer.pad_token_id
 
     def alone(row, fed):
-        batch = evaluate._DecodingBatch.prefill(model, [row], [encoded[row]], pad_id, "cpu")
+        batch = generation.DecodingBatch.prefill(model, [row], [encoded[row]], pad_id, "cpu")
         for token in fed:
             batch.step(model, torch.tensor([token]))
         return batch.logits[0]
 
     with torch.no_grad():
-        batch = evaluate._DecodingBatch.prefill(model, [0, 1], encoded[:2], pad_id, "cpu")
+        batch = generation.DecodingBatch.prefill(model, [0, 1], encoded[:2], pad_id, "cpu")
         first = batch.logits.argmax(dim=-1)
         batch.step(model, first)
-        batch = batch.merge(evaluate._DecodingBatch.prefill(model, [2], encoded[2:], pad_id, "cpu"), model.config)
+        batch = batch.merge(generation.DecodingBatch.prefill(model, [2], encoded[2:], pad_id, "cpu"), model.config)
         fed = {0: [int(first[0])], 1: [int(first[1])], 2: []}
         for _ in range(3):
             for row, logits in zip(batch.rows, batch.logits):
@@ -229,7 +233,7 @@ def test_scores_figure_labels_every_bar_and_shows_the_final_parts():
 
 def test_clean_up_tokenization_matches_transformers_4():
     text = "Paris . Is it ? Yes ! Well , I do n't know , I 'm sure it 's what we 've seen , they 're here ' ok"
-    assert evaluate.clean_up_tokenization(text) == \
+    assert generation.clean_up_tokenization(text) == \
         "Paris. Is it? Yes! Well, I don't know, I'm sure it's what we've seen, they're here'ok"
 
 
@@ -237,8 +241,8 @@ def test_clean_up_tokenization_matches_transformers_4():
 
 def test_document_losses_batched_equal_batch_one_and_hf_loss(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    one = evaluate.document_losses(model, tokenizer, CORPUS, batch_size=1)
-    batched = evaluate.document_losses(model, tokenizer, CORPUS, batch_size=3)
+    one = mia.document_losses(model, tokenizer, CORPUS, batch_size=1)
+    batched = mia.document_losses(model, tokenizer, CORPUS, batch_size=3)
     assert torch.allclose(torch.tensor(one), torch.tensor(batched), rtol=1e-5, atol=1e-6)
     for document, loss in zip(CORPUS, one):
         ids = tokenizer(document, return_tensors="pt").input_ids
@@ -253,7 +257,7 @@ def test_choice_logits_batched_equal_single_forward(model_and_tokenizer):
                  ("Who?", ["Marie", "Smith", "the fox", "the dog"]),
                  (CORPUS[2] + " Why?", ["rivals", "sorceresses", "city", "I don't know"])]
     prompts = [scoring.mmlu_prompt("global_facts", q, c) for q, c in questions]
-    batched = evaluate.choice_logits(model, tokenizer, prompts, batch_size=3)
+    batched = mmlu.choice_logits(model, tokenizer, prompts, batch_size=3)
     choice_ids = [tokenizer.encode(" " + letter, add_special_tokens=False)[-1] for letter in "ABCD"]
     for prompt, row in zip(prompts, batched):
         with torch.no_grad():
@@ -266,26 +270,26 @@ def test_load_mmlu_shots_from_test_split_without_dev(tmp_path):
     """No dev/ (the shared MMLU copy): each question's worked examples are the first other questions of its subject."""
     os.makedirs(tmp_path / "test")
     (tmp_path / "test" / "anatomy_test.csv").write_text("Q1,a,b,c,d,A\nQ2,a,b,c,d,B\nQ3,a,b,c,d,C\n")
-    questions = evaluate.load_mmlu(str(tmp_path), ntrain=2, limit=2)
+    questions = mmlu.load_mmlu(str(tmp_path), ntrain=2, limit=2)
     assert [q["question"] for q in questions] == ["Q1", "Q2"]  # the same questions as zero-shot
     assert [[shot[0] for shot in q["shots"]] for q in questions] == [["Q2", "Q3"], ["Q1", "Q3"]]
     assert {q["shots_from"] for q in questions} == {"test"}
-    assert [q["shots"] for q in evaluate.load_mmlu(str(tmp_path), ntrain=0)] == [[], [], []]
+    assert [q["shots"] for q in mmlu.load_mmlu(str(tmp_path), ntrain=0)] == [[], [], []]
 
 
 def test_load_mmlu_limit_shots_and_errors(tmp_path):
     for split, name in (("test", "anatomy_test.csv"), ("dev", "anatomy_dev.csv")):
         os.makedirs(tmp_path / split, exist_ok=True)
         (tmp_path / split / name).write_text('"Q1, with comma",None,NA,1.50,007,A\nQ2,a,b,c,d,D\nQ3,a,b,c,d,C\n')
-    questions = evaluate.load_mmlu(str(tmp_path), ntrain=1, limit=2)
+    questions = mmlu.load_mmlu(str(tmp_path), ntrain=1, limit=2)
     assert [q["question"] for q in questions] == ["Q1, with comma", "Q2"]
     assert questions[0]["choices"] == ["None", "NA", "1.50", "007"]  # kept as written, never NaN or 1.5
     assert questions[1]["shots"] == [("Q1, with comma", ["None", "NA", "1.50", "007"], "A")]
     (tmp_path / "test" / "bad_test.csv").write_text("Q,a,b,c,d,E\n")
     with pytest.raises(InputError, match="bad_test.csv: row 1 answer 'E'"):
-        evaluate.load_mmlu(str(tmp_path))
+        mmlu.load_mmlu(str(tmp_path))
     with pytest.raises(InputError, match="no test/ directory"):
-        evaluate.load_mmlu(str(tmp_path / "dev"))
+        mmlu.load_mmlu(str(tmp_path / "dev"))
 
 
 # --- saved predictions and the CLI ----------------------------------------------------------------------------------
@@ -436,11 +440,11 @@ def test_real_semeval_validation_parses():
 
 
 def test_real_mmlu_parses():
-    questions = evaluate.load_mmlu(os.path.dirname(shared_path("mmlu", "test")))
+    questions = mmlu.load_mmlu(os.path.dirname(shared_path("mmlu", "test")))
     subjects = {q["subject"] for q in questions}
     assert len(subjects) == 57 and len(questions) == 14042
     assert all(scoring.mmlu_category(subject) != "unknown" for subject in subjects)
-    limited = evaluate.load_mmlu(os.path.dirname(shared_path("mmlu", "test")), limit=10)
+    limited = mmlu.load_mmlu(os.path.dirname(shared_path("mmlu", "test")), limit=10)
     assert len(limited) == 570
 
 
@@ -474,9 +478,9 @@ def test_adapter_is_applied_unmerged(tiny_model_dir, cli_inputs):
 
 def test_batches_group_similar_lengths_and_cover_every_index():
     lengths = [184, 11, 18, 16, 24, 217, 10, 12]
-    batches = evaluate._batches_by_length(lengths, batch_size=4)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert batches == [[5, 0], [4, 2, 3, 7], [1, 6]]  # stories apart from questions, longest first, at most 4
+    groups = batches.length_batches(lengths, batch_size=4)
+    assert sorted(i for batch in groups for i in batch) == list(range(len(lengths)))
+    assert groups == [[5, 0], [4, 2, 3, 7], [1, 6]]  # stories apart from questions, longest first, at most 4
 
 
 def test_output_dir_inside_the_model_dir_is_the_readme_layout(tmp_path, cli_inputs, capsys):

@@ -44,7 +44,7 @@ def direct_statistics(model, tokenizer, document, k):
 @pytest.mark.parametrize("k", [0.2, 0.5, 1.0])
 def test_min_k_and_min_k_plus_plus_match_a_direct_computation(model_and_tokenizer, k):
     model, tokenizer = model_and_tokenizer
-    batched = evaluate.document_statistics(model, tokenizer, CORPUS, batch_size=3, k=k)  # padded batches
+    batched = mia.document_statistics(model, tokenizer, CORPUS, batch_size=3, k=k)  # padded batches
     for document, stats in zip(CORPUS, batched):
         expected = direct_statistics(model, tokenizer, document, k)
         for key in ("loss", "min_k", "min_k_plus_plus"):
@@ -53,8 +53,8 @@ def test_min_k_and_min_k_plus_plus_match_a_direct_computation(model_and_tokenize
 
 def test_statistics_batched_equal_batch_one(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    one = evaluate.document_statistics(model, tokenizer, CORPUS, batch_size=1)
-    batched = evaluate.document_statistics(model, tokenizer, CORPUS, batch_size=4)
+    one = mia.document_statistics(model, tokenizer, CORPUS, batch_size=1)
+    batched = mia.document_statistics(model, tokenizer, CORPUS, batch_size=4)
     for a, b in zip(one, batched):
         assert a.keys() == b.keys() == {"loss", "min_k", "min_k_plus_plus", "zlib"}
         for key in a:
@@ -63,7 +63,7 @@ def test_statistics_batched_equal_batch_one(model_and_tokenizer):
             # (pad positions scored or a row shifted) moves these statistics by far more than 1e-4
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     # document_losses keeps its return value: the loss alone.
-    assert evaluate.document_losses(model, tokenizer, CORPUS, batch_size=4) == [row["loss"] for row in batched]
+    assert mia.document_losses(model, tokenizer, CORPUS, batch_size=4) == [row["loss"] for row in batched]
 
 
 def test_lowest_k_mean_by_hand():
@@ -111,7 +111,7 @@ def test_reference_attack_is_the_loss_difference(model_and_tokenizer):
     reference = build_tiny_model(tokenizer, seed=1).eval()
     members, nonmembers = [("m0", CORPUS[0]), ("m1", CORPUS[1])], [("n0", CORPUS[2]), ("n1", CORPUS[3])]
     reference_losses = evaluate.reference_document_losses(reference, tokenizer, members, nonmembers, batch_size=2)
-    assert reference_losses == pytest.approx(evaluate.document_losses(reference, tokenizer, CORPUS, batch_size=1),
+    assert reference_losses == pytest.approx(mia.document_losses(reference, tokenizer, CORPUS, batch_size=1),
                                              rel=1e-5)
     results, tables = evaluate.evaluate_model(model, tokenizer, member_documents=members,
                                               nonmember_documents=nonmembers, batch_size=2,
