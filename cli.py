@@ -163,6 +163,18 @@ def load_yaml_config(path, dataclass_types):
     return values
 
 
+def check_quantization(flag, lora_r, zero_stage):
+    """The refusals of a quantized base (``flag``: the option that asked for it), the same in train.py and
+    plan_memory.py: it needs LoRA, and ZeRO-3 cannot shard it."""
+    if lora_r == 0:
+        raise InputError(f"{flag}: a quantized base needs LoRA (quantized weights cannot be trained): set --lora_r > 0 "
+                         f"or drop {flag}")
+    if zero_stage == 3:
+        raise InputError(f"{flag} with DeepSpeed ZeRO-3: ZeRO-3 shards every weight and cannot shard bitsandbytes' "
+                         f"quantized ones; use ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP "
+                         f"(multi_gpu.yaml), or drop {flag}")
+
+
 def exit_process(code=0):
     """End an entry script: flush, then exit with ``code``; after a multi-process run without Python's exit
     handlers (os._exit), where torch 2.13's gloo backend sometimes aborts."""

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from cli import InputError, parse_config, run_main
+from cli import InputError, check_quantization, parse_config, run_main
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -103,11 +103,8 @@ def model_dims(args):
 def check_plan_arguments(args):
     if args.quantization not in ("none", "8bit", "4bit"):
         raise InputError(f"--quantization {args.quantization}: expected none, 8bit or 4bit")
-    if args.quantization != "none" and args.lora_r == 0:
-        raise InputError("--quantization needs LoRA (quantized weights cannot be trained): set --lora_r > 0")
-    if args.quantization != "none" and args.zero_stage == 3:
-        raise InputError("--quantization with --zero_stage 3: train.py refuses it (ZeRO-3 cannot shard quantized "
-                         "weights); use --zero_stage 2 or 0")
+    if args.quantization != "none":
+        check_quantization(f"--quantization {args.quantization}", args.lora_r, args.zero_stage)  # train.py's rule
     if args.torch_dtype not in DTYPE_BYTES:
         raise InputError(f"--torch_dtype {args.torch_dtype}: expected one of {', '.join(DTYPE_BYTES)}")
     if args.mixed_precision not in ("bf16", "fp16", "no"):

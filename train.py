@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD
-from cli import InputError, exit_process, parse_config, preset_path, run_main
+from cli import InputError, check_quantization, exit_process, parse_config, preset_path, run_main
 from modeling import DTYPES
 from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, needs_reference,
                         per_sequence_nll, zero_loss)
@@ -330,24 +330,29 @@ def check_arguments(model_args, data_args, train_args):
     if needs_reference_model(train_args) and model_args.lora_r == 0:
         raise InputError(f"--forget_loss {train_args.forget_loss} / --retain_loss {train_args.retain_loss} compare "
                          f"with the frozen base, read by disabling the LoRA adapter: set --lora_r > 0")
-    if quantized and model_args.lora_r == 0:
-        raise InputError("--load_in_8bit/--load_in_4bit need LoRA (quantized weights cannot be trained): "
-                         "set --lora_r > 0 or drop the quantization flag")
-    if quantized and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # accelerate launch passes the ZeRO stage, or the JSON that holds it (ds_configs/, relative to the repo root)
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-        if ds_file:
-            ds_file = ds_file if os.path.isfile(ds_file) else os.path.join(ROOT, ds_file)
-            try:
-                with open(ds_file, encoding="utf-8") as f:
-                    stage = str(json.load(f).get("zero_optimization", {}).get("stage", ""))
-            except (OSError, ValueError) as error:
-                raise InputError(f"DeepSpeed config {ds_file}: cannot read it ({error})") from None
-        if stage == "3":
-            raise InputError("--load_in_8bit/--load_in_4bit with DeepSpeed ZeRO-3: ZeRO-3 shards every weight and "
-                             "cannot shard bitsandbytes' quantized ones; use accelerate_configs/deepspeed_zero2.yaml "
-                             "or multi_gpu.yaml, or drop the quantization flag")
+    zero_stage = launch_zero_stage()
+    if quantized:
+        check_quantization("--load_in_8bit" if model_args.load_in_8bit else "--load_in_4bit", model_args.lora_r,
+                           zero_stage)
+
+
+def launch_zero_stage():
+    """The ZeRO stage ``accelerate launch`` asked for (None without DeepSpeed), from its environment or the JSON
+    that holds it. accelerate_configs/deepspeed_*.yaml name that JSON relative to the repo root: the path is
+    resolved here, once, and written back, so accelerate finds it from any working directory."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if ds_file:
+        if not os.path.isabs(ds_file) and not os.path.isfile(ds_file):
+            ds_file = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(ROOT, ds_file)
+        try:
+            with open(ds_file, encoding="utf-8") as f:
+                stage = str(json.load(f).get("zero_optimization", {}).get("stage", ""))
+        except (OSError, ValueError) as error:
+            raise InputError(f"DeepSpeed config {ds_file}: cannot read it ({error})") from None
+    return int(stage) if stage.isdigit() else None
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -718,10 +723,7 @@ def make_accelerator(train_args):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    # accelerate_configs/deepspeed_*.yaml name their JSON relative to the repo root: find it from elsewhere too
-    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    if ds_file and not os.path.isabs(ds_file) and not os.path.isfile(ds_file):
-        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(ROOT, ds_file)
+    launch_zero_stage()  # resolves the DeepSpeed JSON's path (check_arguments has, unless called on its own)
     project = ProjectConfiguration(project_dir=train_args.output_dir,
                                    logging_dir=os.path.join(train_args.output_dir, "runs"))
     # gloo for CPU runs (also needed by DeepSpeed on CPU); NCCL is accelerate's default on GPUs

@@ -69,7 +69,7 @@ def test_zero3_shards_full_fine_tuning():
     (["--model_name_or_path", "allenai/OLMo-7B-0724-Instruct-hf", "--quantization", "8bit", "--lora_r", "0"],
      "needs LoRA"),
     (["--model_name_or_path", "allenai/OLMo-7B-0724-Instruct-hf", "--quantization", "8bit", "--zero_stage", "3"],
-     "train.py refuses it"),
+     "with DeepSpeed ZeRO-3: ZeRO-3 shards every weight"),
     (["--hidden_size", "64"], "model dimensions missing: --num_hidden_layers"),
 ])
 def test_bad_input_one_line(capsys, argv, message):

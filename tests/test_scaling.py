@@ -232,10 +232,10 @@ ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE":
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--load_in_8bit", "--load_in_4bit"], {}, "--load_in_8bit and --load_in_4bit: choose one"),
-    (["--load_in_8bit", "--lora_r", "0"], {}, "need LoRA (quantized weights cannot be trained)"),
-    (["--load_in_8bit"], ZERO3, "--load_in_8bit/--load_in_4bit with DeepSpeed ZeRO-3: ZeRO-3 shards every weight "
-                                "and cannot shard bitsandbytes' quantized ones; use "
-                                "accelerate_configs/deepspeed_zero2.yaml or multi_gpu.yaml"),
+    (["--load_in_8bit", "--lora_r", "0"], {}, "needs LoRA (quantized weights cannot be trained)"),
+    (["--load_in_8bit"], ZERO3, "--load_in_8bit with DeepSpeed ZeRO-3: ZeRO-3 shards every weight and cannot shard "
+                                "bitsandbytes' quantized ones; use ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) "
+                                "or DDP (multi_gpu.yaml)"),
 ])
 def test_quantization_refused_before_anything_loads(tmp_path, monkeypatch, capsys, tiny_model_dir, flags, env,
                                                     message):

@@ -80,7 +80,7 @@ def run_train_cli(*args, env=None):
     (["--learning_rate", "-1"], "--learning_rate -1.0: must be > 0"),
     (["--num_train_epochs", "0"], "--num_train_epochs 0: must be >= 1"),
     (["--forget_loss", "bogus"], "--forget_loss bogus"),
-    (["--load_in_8bit", "--lora_r", "0"], "need LoRA"),
+    (["--load_in_8bit", "--lora_r", "0"], "needs LoRA"),
 ])
 def test_bad_options_one_line(tmp_path, tiny_model_dir, extra, message):
     data = make_unlearning_data(tmp_path / "data", n_docs=2)
