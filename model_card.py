@@ -124,9 +124,9 @@ def build_card(record, results=None):
     lines += _scores_section(results) if results else \
         ["## Scores", "", "Not evaluated yet: `python evaluate.py --model_name_or_path MODEL ... --output_dir "
          "MODEL/eval`, then `python model_card.py MODEL --eval_dir MODEL/eval`.", ""]
-    lines += ["## Reproduce", "", "```bash", "python train.py train_config.yaml --output_dir NEW_DIR   # this run's configuration (train.py of the "
-              "toolkit)",
-              "```", ""]
+    lines += ["## Reproduce", "", "```bash",
+              "python train.py train_config.yaml --output_dir NEW_DIR   # this run's configuration (train.py of the "
+              "toolkit)", "```", ""]
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

@@ -663,6 +663,7 @@ def learning_rate_zero(optimizer, active):
 
 
 STEP_SUMS = ("non_finite", "loss", "nll", "tokens", "positions", "at_target", "rows")  # one reduce per step
+DEVICE_SUMS = 4  # the first four are tensors on the device; positions, at_target and rows are host integers
 
 
 def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss_fn, max_grad_norm, flags=None):
@@ -677,7 +678,8 @@ def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss
     backward (so no NaN reaches DeepSpeed's optimizer state) and the dropped step runs at learning rate 0."""
     deepspeed = accelerator.state.deepspeed_plugin is not None
     device, count = accelerator.device, len(micro_batches)
-    sums = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=device)
+    sums = torch.zeros(DEVICE_SUMS, dtype=torch.float64, device=device)
+    host_sums = [0] * (len(STEP_SUMS) - DEVICE_SUMS)
     stats, bad, extra = StepStats(), False, {}
     for index, batch in enumerate(micro_batches):
         with accelerator.accumulate(model):
@@ -687,14 +689,12 @@ def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss
                 loss = zero_loss(model)
             mask = batch["attention_mask"]
             sums += torch.stack([(~finite).double(), torch.where(finite, loss.detach(), 0).double() / count,
-                                 nll.detach().double() / count, mask.sum().double(),
-                                 torch.tensor(mask.numel(), dtype=torch.float64, device=device),
-                                 torch.tensor(at_target, dtype=torch.float64, device=device),
-                                 torch.tensor(rows, dtype=torch.float64, device=device)])
+                                 nll.detach().double() / count, mask.sum().double()])
+            host_sums = [a + b for a, b in zip(host_sums, (mask.numel(), at_target, rows))]
             if index == count - 1:
                 extra = flags() if flags else {}
-                values = torch.cat([sums, torch.tensor([float(v) for v in extra.values()], dtype=torch.float64,
-                                                       device=device)])
+                values = torch.cat([sums, torch.tensor([float(v) for v in host_sums + list(extra.values())],
+                                                       dtype=torch.float64, device=device)])
                 totals = accelerator.reduce(values, "sum").tolist()
                 bad = totals[0] > 0
             with learning_rate_zero(optimizer, deepspeed and bad and accelerator.sync_gradients):
@@ -1062,20 +1062,19 @@ def pack_batch(rows, every_token=False):
     unchanged. ``attention_mask`` is the packed row's (all ones): what optimizer_step counts as tokens."""
     scored = [[j for j in range(1, len(r["input_ids"])) if every_token or r["labels"][j] != -100] for r in rows]
     width = 1 + max(len(s) for s in scored)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    tokens = torch.full((len(rows), width), -100, dtype=torch.long)
-    logits_index, compact_index, offset = [], [], 0
+    labels, tokens, logits_index, compact_index, offset = [], [], [], [], 0
     for i, (row, positions) in enumerate(zip(rows, scored)):
-        for k, j in enumerate(positions, start=1):
-            labels[i, k], tokens[i, k] = row["labels"][j], row["input_ids"][j]
-            logits_index.append(offset + j - 1)
-            compact_index.append(i * width + k - 1)
+        padding = [-100] * (width - 1 - len(positions))
+        labels.append([-100] + [row["labels"][j] for j in positions] + padding)
+        tokens.append([-100] + [row["input_ids"][j] for j in positions] + padding)
+        logits_index += [offset + j - 1 for j in positions]
+        compact_index += [i * width + k for k in range(len(positions))]
         offset += len(row["input_ids"])
     packed = [token for r in rows for token in r["input_ids"]]
     return {"packed_input_ids": torch.tensor([packed]),
             "position_ids": torch.tensor([[p for r in rows for p in range(len(r["input_ids"]))]]),
-            "attention_mask": torch.ones(1, len(packed), dtype=torch.long), "labels": labels,
-            "token_labels": tokens, "logits_index": torch.tensor(logits_index),
+            "attention_mask": torch.ones(1, len(packed), dtype=torch.long), "labels": torch.tensor(labels),
+            "token_labels": torch.tensor(tokens), "logits_index": torch.tensor(logits_index),
             "compact_index": torch.tensor(compact_index)}
 
 
