@@ -5,6 +5,7 @@ to a temp file beside their target and are renamed; a run's outputs go to a stag
 completion marker last.
 """
 
+import io
 import json
 import os
 import shutil
@@ -48,12 +49,20 @@ def write_atomic(path, data):
         raise
 
 
-def save_figure(fig, path, dpi=100):
-    """A matplotlib figure as PNG at ``path``, atomically, and closed."""
-    import io
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (a cluster node has no display): every figure's one set-up.
+    Imported on first use, so the scripts that only read names (the sbatch scripts) stay fast."""
+    import matplotlib
 
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    """A matplotlib figure as PNG at ``path``, atomically, and closed."""
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)

@@ -34,7 +34,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from cli import InputError, parse_config, run_main
+from artefacts import write_atomic
+from cli import InputError, check_choices, parse_config, run_main
 from records import Record, load_records
 
 MODES = ("segments", "recombine", "both")
@@ -155,8 +156,6 @@ def augment_records(records, mode="both"):
 
 def write_jsonl(records, path):
     """Write records as JSONL, atomically (artefacts.write_atomic): no half-written output."""
-    from artefacts import write_atomic
-
     write_atomic(path, "".join(json.dumps({"id": r.id, "input": r.input, "output": r.output, "task": r.task,
                                            "split": r.split}, ensure_ascii=False) + "\n" for r in records))
 
@@ -166,12 +165,12 @@ class AugmentArguments:
     input: str = field(metadata={"help": "Forget (or any) records file, .jsonl or .parquet, with id/input/output/task."})
     output: str = field(metadata={"help": "Output .jsonl path (fields id, input, output, task, split); must differ "
                                           "from --input. Written atomically."})
-    mode: str = field(default="both", metadata={"help": "segments: add answer prefixes; recombine: add (input + "
-                                                        "prefix -> next sentence); both: add both."})
+    mode: str = field(default="both", metadata={
+        "choices": MODES,
+        "help": "segments: add answer prefixes; recombine: add (input + prefix -> next sentence); both: add both."})
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"--mode {self.mode}: expected one of {', '.join(MODES)}")
+        check_choices(self)
 
 
 def main(argv=None):

@@ -1,10 +1,11 @@
-"""Model passes over many sequences in batches of similar length, results back in input order: the one batching
-rule of generation.py, mia.py and mmlu.py."""
+"""Token rows into model batches: padding (train.py, generation.py, mia.py, mmlu.py), and passes over many
+sequences in batches of similar length with results back in input order (the one batching rule of evaluation)."""
+
+import torch
+from tqdm.auto import tqdm
 
 
 def progress(total, desc, show):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=True)
 
 
@@ -36,3 +37,26 @@ def map_length_batches(encoded, batch_size, run_batch, desc, show_progress=False
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def pad_batch(examples, pad_token_id, padding_side="right"):
+    """Pad a list of {input_ids, labels} to the longest in the batch; labels and attention mask 0/-100 on padding."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids, labels, attention_mask = [], [], []
+    for example in examples:
+        n_pad = width - len(example["input_ids"])
+        ids, mask = example["input_ids"], [1] * len(example["input_ids"])
+        labs = example.get("labels", ids)
+        if padding_side == "right":
+            input_ids.append(ids + [pad_token_id] * n_pad)
+            labels.append(labs + [-100] * n_pad)
+            attention_mask.append(mask + [0] * n_pad)
+        else:
+            input_ids.append([pad_token_id] * n_pad + ids)
+            labels.append([-100] * n_pad + labs)
+            attention_mask.append([0] * n_pad + mask)
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+    }

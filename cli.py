@@ -163,6 +163,16 @@ def load_yaml_config(path, dataclass_types):
     return values
 
 
+def check_choices(options):
+    """Every field of the options dataclass ``options`` declared with ``metadata["choices"]`` holds one of them. The
+    one check of an enumerated option: argparse applies the same choices to flags and _yaml_value to presets; each
+    dataclass's __post_init__ calls this, so options built in Python are checked too."""
+    for option in dataclasses.fields(options):
+        choices, value = option.metadata.get("choices"), getattr(options, option.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"--{option.name} {value}: expected one of {', '.join(map(str, choices))}")
+
+
 def check_quantization(flag, lora_r, zero_stage):
     """The refusals of a quantized base (``flag``: the option that asked for it), the same in train.py and
     plan_memory.py: it needs LoRA, and ZeRO-3 cannot shard it."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import mia
 import scoring
-from artefacts import RESULTS_FILE, read_results, save_figure, write_atomic
+from artefacts import RESULTS_FILE, pyplot, read_results, save_figure, write_atomic
 from cli import InputError, parse_config, run_main
 from records import TASKS
 
@@ -101,10 +101,7 @@ def comparison_table(named_results):
 
 def plot_comparison(named_results, path):
     """Grouped bars: forget/retain overall scores, task aggregate, MIA score, MMLU and final, per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [(f"{split} {kind.short}.", lambda r, split=split, kind=kind: scoring.result_score(r, split, kind.key))
                for split in scoring.SPLITS for kind in scoring.KINDS]

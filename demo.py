@@ -22,14 +22,23 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from artefacts import CHECKPOINT_STATE, CHECKPOINTS_DIR, RESULTS_FILE, TRAIN_RECORD, save_figure, write_atomic
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mia
+import prepare_model
+import scoring
+from artefacts import CHECKPOINT_STATE, CHECKPOINTS_DIR, RESULTS_FILE, TRAIN_RECORD, pyplot, save_figure, write_atomic
+from cli import InputError, check_choices, parse_config, run_main
+from records import find_split_file, load_documents, load_records
 from scoring import KINDS, result_score
-from cli import InputError, parse_config, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,12 +94,14 @@ class DemoArguments:
         "help": "Greedy generation limit when scoring (official: 256; the demo answers are <= 95 tokens)."})
     batch_size: int = field(default=16, metadata={"help": "Evaluation batch size (generation, MIA, MMLU)."})
     eval_dtype: str = field(default="auto", metadata={
+        "choices": ("auto", "bfloat16", "float16", "float32"),
         "help": "evaluate.py --torch_dtype; auto = bfloat16 on a GPU (the official scorer's), float32 on CPU (measured "
                 "several times faster than bfloat16 on an AVX2 CPU without bf16 instructions; unmeasured on CPUs with "
                 "AVX512-BF16 or AMX, where --eval_dtype bfloat16 may be faster)."})
     mixed_precision: str = field(default="auto", metadata={
+        "choices": ("auto", "no", "bf16", "fp16"),
         "help": "accelerate launch --mixed_precision for training: auto = bf16 on a GPU, no on CPU (bf16 autocast "
-                "measured 3-4x slower than float32 on an AVX2 CPU without bf16 instructions, an AMD EPYC; unmeasured "
+                "measured several times slower than float32 on an AVX2 CPU without bf16 instructions; unmeasured "
                 "on CPUs with AVX512-BF16 or AMX, where bf16 may be faster); or no, bf16, fp16."})
     num_threads: int = field(default=0, metadata={
         "help": "OMP_NUM_THREADS for every step (0 = torch's default, one per core). On a machine busy with other "
@@ -103,15 +114,12 @@ class DemoArguments:
     dry_run: bool = field(default=False, metadata={"help": "Print the steps that would run and stop."})
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("mmlu_limit", "num_threads", "docs_per_task", "mia_docs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("--max_new_tokens and --batch_size must be >= 1")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision {self.mixed_precision}: expected auto, no, bf16 or fp16")
-        if self.eval_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"--eval_dtype {self.eval_dtype}: expected auto, bfloat16, float16 or float32")
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -145,8 +153,6 @@ def launcher(args, has_gpu):
 def needs_calibration(config):
     """Whether a train.py preset calibrates its forgetting or evaluates during training: both read held-out rows
     (--calibration_file)."""
-    import yaml
-
     with open(config, encoding="utf-8") as f:
         preset = yaml.safe_load(f) or {}
     return "calibration_margin" in preset or bool(preset.get("eval_steps"))
@@ -187,13 +193,12 @@ def data_dirs(args):
 def plan(args, has_gpu=False):
     """All steps in order, as dicts {name, kind, command, done, finished}: ``done`` is the file whose existence
     means the step finished; kind is prepare, subset (runs inside this script), train or eval."""
-    from prepare_model import is_converted
-
     steps = []
     if os.path.normpath(args.model_name_or_path) == os.path.normpath(DEFAULT_MODEL) and not args.target_model:
-        steps.append({"name": "prepare", "kind": "prepare", "done": os.path.join(args.model_name_or_path, "model.safetensors"),
-                      "command": [sys.executable, here("prepare_model.py"), "--output_dir",
-                                  args.model_name_or_path], "finished": is_converted(args.model_name_or_path)})
+        model = args.model_name_or_path
+        steps.append({"name": "prepare", "kind": "prepare", "done": os.path.join(model, "model.safetensors"),
+                      "command": [sys.executable, here("prepare_model.py"), "--output_dir", model],
+                      "finished": prepare_model.is_converted(model)})
     data_dir, mia_dir = data_dirs(args)
     if args.docs_per_task:
         steps.append({"name": "subset-data", "kind": "subset", "command": None,
@@ -266,8 +271,6 @@ def run_command(command, env):
 
 def write_subset(step, args):
     """The first N documents per task of each split (every row of a document kept), or the first N MIA documents."""
-    from records import find_split_file, load_documents, load_records
-
     data_dir, mia_dir = data_dirs(args)
     if step["name"] == "subset-data":
         for split in ("forget", "retain"):
@@ -291,10 +294,6 @@ def write_subset(step, args):
 
 
 def run_pipeline(args):
-    import shutil
-
-    import torch
-
     has_gpu = torch.cuda.is_available()
     steps = plan(args, has_gpu)
     print("steps:")
@@ -351,9 +350,6 @@ def score_rows(results_by_name):
     """Table rows (label, [value per model]) for the report: the 12 terms, overall scores, MIA (the official loss
     attack, then mia.py's others where they ran), MMLU, and the final score, or the partial one, labelled so, when a
     part did not run (the official rule gives no final score then)."""
-    import mia
-    import scoring
-
     rows = []
     for split in ("forget", "retain"):
         for task in TASKS:
@@ -396,8 +392,6 @@ def check_bar(before, after):
 
 def read_curves(train_dir):
     """{tag: [(step, value), ...]} from the TensorBoard event files under train_dir/runs (all runs merged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     curves = {}
     for run in sorted(glob.glob(os.path.join(train_dir, "runs", "*"))):
         if not os.path.isdir(run):
@@ -413,10 +407,7 @@ def read_curves(train_dir):
 
 def plot_scores(names, results, path):
     """Grouped bars: the 12 terms (raw scores) and the MIA AUC, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{task[-1]} {kind.label[:5]}." for task in TASKS for kind in KINDS]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [6, 6, 1.6]})
@@ -447,10 +438,7 @@ def plot_scores(names, results, path):
 
 def plot_curves(names, curves_by_name, path):
     """One panel per training run: the loss and NLL of each batch kind against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [(name, curves) for name, curves in zip(names, curves_by_name) if curves]
     fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(5.5 * max(len(runs), 1), 3.8), squeeze=False)
@@ -469,10 +457,7 @@ def plot_curves(names, curves_by_name, path):
 
 
 def plot_by_length(names, results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     width = 0.8 / len(names)

@@ -14,6 +14,7 @@ over processes and handles the command line and the files.
 """
 
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -23,14 +24,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
 import cli
 import generation
 import mia
 import mmlu
 import records
 import scoring
-from artefacts import RESULTS_FILE
+from artefacts import RESULTS_FILE, publish, pyplot, save_figure
 from cli import InputError
+from modeling import DTYPES, check_output_dir, load_for_inference
 
 ROW_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "rouge_l_recall", "exact_match"]
 MIA_COLUMNS = ["set", "id", "loss"]
@@ -40,21 +47,11 @@ MMLU_COLUMNS = ["subject", "category", "n", "correct", "accuracy"]
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(records.DataSourceArguments):
+    # the data_dir / forget_file / retain_file / dataset_* options (train.py's): records.DataSourceArguments
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Model dir or hub id to evaluate."})
     adapter: Optional[str] = field(default=None, metadata={
         "help": "peft LoRA adapter dir applied on top of the model, unmerged."})
-    data_dir: Optional[str] = field(default=None, metadata={
-        "help": "Dir with forget.jsonl|parquet and retain.jsonl|parquet."})
-    forget_file: Optional[str] = field(default=None, metadata={"help": "Forget split file (overrides --data_dir)."})
-    retain_file: Optional[str] = field(default=None, metadata={"help": "Retain split file (overrides --data_dir)."})
-    dataset_name: str = field(default="", metadata={
-        "help": "Instead of --data_dir: a Hugging Face dataset with forget and retain splits, as a Hub id or a local "
-                "dir written by DatasetDict.save_to_disk (as train.py --dataset_name)."})
-    dataset_config: str = field(default="", metadata={"help": "--dataset_name's configuration name, if it has "
-                                                      "several."})
-    forget_split: str = field(default="forget", metadata={"help": "--dataset_name's forget split."})
-    retain_split: str = field(default="retain", metadata={"help": "--dataset_name's retain split."})
     mia_data_dir: Optional[str] = field(default=None, metadata={
         "help": "Dir with member.jsonl and nonmember.jsonl for the membership inference attacks (the official "
                 "loss one, and Min-K%, Min-K%++, zlib and --reference_model beside it)."})
@@ -83,6 +80,7 @@ class EvalArguments:
         "help": "Recompute all metrics from a previous run's forget.csv/retain.csv (and mia_losses.csv, "
                 "mmlu_per_subject.csv when present) without loading a model."})
     torch_dtype: str = field(default="bfloat16", metadata={
+        "choices": tuple(DTYPES),
         "help": "auto, bfloat16 (the official scorer's dtype), float16 or float32."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow a hub model's own modelling code to run (transformers' trust_remote_code): only for models "
@@ -98,6 +96,7 @@ class EvalArguments:
         "help": "Replace a finished evaluation already in --output_dir."})
 
     def __post_init__(self):
+        cli.check_choices(self)
         if not self.output_dir:
             raise ValueError("--output_dir is required")
         if bool(self.model_name_or_path) == bool(self.predictions_dir):
@@ -125,8 +124,6 @@ def run_sharded(items, work, accelerator=None):
     """
     if accelerator is None or accelerator.num_processes == 1:
         return work(items)
-    from accelerate.utils import gather_object
-
     indices = list(range(accelerator.process_index, len(items), accelerator.num_processes))
     results = work([items[i] for i in indices]) if indices else []
     by_index = dict(gather_object(list(zip(indices, results))))
@@ -279,8 +276,6 @@ def by_length(tables, length_threshold=0):
 
 def _read_csv(path, columns):
     """A saved table as a list of dicts of strings: '' stays '' (keep_default_na=False), '007' stays '007'."""
-    import pandas as pd
-
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except Exception as error:  # pandas raises several parser error types
@@ -331,10 +326,7 @@ def score_figure(results):
     """The figure of scores.png: bars of per-task regurgitation and knowledge (forget, retain) and of the final score's parts (task aggregate,
     MIA score, MMLU, final), each bar labelled with its value; a part that did not run is labelled so, not drawn
     as 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def labelled_bars(ax, positions, values, missing, **kwargs):
         bars = ax.bar(positions, [v if v is not None else 0 for v in values], **kwargs)
@@ -368,17 +360,11 @@ def score_figure(results):
 
 
 def plot_scores(results, path):
-    from artefacts import save_figure
-
     save_figure(score_figure(results), path)
 
 
 def write_outputs(results, tables, output_dir):
     """Write everything to a staging dir beside output_dir, then publish it with the json last."""
-    import pandas as pd
-
-    from artefacts import publish
-
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".eval-staging-", dir=parent)
@@ -426,8 +412,6 @@ def summary_lines(results):
 
 def main(argv=None):
     (args,) = cli.parse_config([EvalArguments], argv, description=__doc__)
-    from modeling import check_output_dir
-
     config = {**dataclasses.asdict(args)}
     if args.predictions_dir:
         check_output_dir(args.output_dir, [args.predictions_dir], args.overwrite_output_dir, RESULTS_FILE,
@@ -441,9 +425,7 @@ def main(argv=None):
         return results
 
     # Read and check every input before loading the model, so bad input fails in a second with nothing written.
-    forget_file, retain_file = records.resolve_data_files(args.data_dir, args.forget_file, args.retain_file,
-                                                          args.dataset_name, args.dataset_config, args.forget_split,
-                                                          args.retain_split)
+    forget_file, retain_file = args.data_sources()
     forget_records = records.load_records(forget_file) if forget_file else None
     retain_records = records.load_records(retain_file) if retain_file else None
     if args.limit:
@@ -468,10 +450,6 @@ def main(argv=None):
     inputs = [args.model_name_or_path, args.adapter, args.data_dir, forget_file, retain_file, args.mia_data_dir,
               args.mmlu_dir, args.reference_model]
     check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE, inside_inputs_ok=True)
-
-    from accelerate import Accelerator
-
-    from modeling import load_for_inference
 
     accelerator = Accelerator()
     reference_losses, reference_s = None, None
@@ -516,10 +494,6 @@ def main(argv=None):
 
 
 def _free_accelerator_memory():
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

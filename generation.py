@@ -3,8 +3,12 @@ leave the batch at their stop token and waiting prompts join it."""
 
 import sys
 
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
 import records
-from batches import length_batches, progress
+from batches import length_batches, pad_batch, progress
 from cli import InputError
 
 # generation_config fields that would change which token greedy decoding picks, with their neutral values.
@@ -54,8 +58,6 @@ def generate_outputs(model, tokenizer, prompts, max_new_tokens=256, batch_size=1
     longest prompt and decodes until its longest answer ends). Rows are left-padded and masked, with positions
     counted from their first real token: in float32 the strings equal batch-size-1 generation.
     """
-    import torch
-
     encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
@@ -104,15 +106,11 @@ class DecodingBatch:
         self.next_positions, self.logits = next_positions, logits
         # Merging rebuilds the cache layer by layer, which is only right for plain (non-sliding) layers; other
         # caches run as fixed batches that still drop finished rows.
-        from transformers.cache_utils import DynamicLayer
-
         self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
 
     @classmethod
     def prefill(cls, model, rows, encoded, pad_id, device):
-        from transformers import DynamicCache
-
-        padded = records.pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="left")
+        padded = pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="left")
         attention_mask = padded["attention_mask"].to(device)
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
@@ -122,8 +120,6 @@ class DecodingBatch:
 
     def step(self, model, tokens):
         """Feed one token per row; the logits for the next one replace the current."""
-        import torch
-
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
         self.logits = model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
                             position_ids=self.next_positions[:, None], past_key_values=self.cache,
@@ -132,8 +128,6 @@ class DecodingBatch:
 
     def select(self, keep):
         """Keep only the rows at these positions (None when none is left)."""
-        import torch
-
         if not keep:
             return None
         if len(keep) < len(self.rows):
@@ -147,9 +141,6 @@ class DecodingBatch:
     def merge(self, other, config):
         """One batch of both: caches and masks left-padded to a common width, columns that are padding in every
         row dropped."""
-        import torch
-        from transformers import DynamicCache
-
         width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
 
         def pad_left(tensor, dim):

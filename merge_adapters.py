@@ -33,7 +33,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
 import yaml
+from safetensors import safe_open
 
 from cli import InputError, parse_config, run_main
 from artefacts import publish
@@ -57,9 +59,10 @@ class MergeArguments:
     weights: str = field(default="", metadata={"help": "Comma-separated weight per adapter; default 1 each "
                                                        "(ZJUKLAB's choice: TIES already averages the agreeing "
                                                        "entries)."})
-    combination_type: str = field(default="ties", metadata={"help": "peft combination: " + ", ".join(COMBINATION_TYPES)
-                                                            + ". ties (ZJUKLAB) merges the A and B factors; ties_svd "
-                                                            "merges the full deltas and re-factorises them."})
+    combination_type: str = field(default="ties", metadata={
+        "choices": COMBINATION_TYPES,
+        "help": "peft's add_weighted_adapter combination: ties (ZJUKLAB) merges the A and B factors; ties_svd merges "
+                "the full deltas and re-factorises them."})
     density: float = field(default=0.8, metadata={"help": "Fraction of entries TIES / DARE / magnitude_prune keep "
                                                           "per tensor, in (0, 1] (ZJUKLAB: 0.8); unused by linear, "
                                                           "svd and cat."})
@@ -68,8 +71,10 @@ class MergeArguments:
                                                        "dimension, which makes the merge exact)."})
     output_dir: str = field(default="", metadata={"help": "Where the merged model, tokenizer and merge_config.yaml "
                                                           "go; must not overlap the base model or an adapter."})
-    torch_dtype: str = field(default="auto", metadata={"help": "Dtype the base is loaded, merged and saved in: auto "
-                                                               "(from its config), bfloat16, float16 or float32."})
+    torch_dtype: str = field(default="auto", metadata={
+        "choices": tuple(DTYPES),
+        "help": "Dtype the base is loaded, merged and saved in: auto (from its config), bfloat16, float16 or "
+                "float32."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir that already holds a "
                                                                         "finished merge."})
     seed: int = field(default=42, metadata={"help": "Seed for the random pruning of the dare_* types."})
@@ -103,8 +108,6 @@ def read_adapter_config(adapter_dir):
 
 def smallest_layer_dim(adapter_dir):
     """The smallest in/out dimension of the layers an adapter adapts, from the tensor shapes in its file."""
-    from safetensors import safe_open
-
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise InputError(f"--adapters {adapter_dir}: no adapter_model.safetensors there (save the adapter with "
@@ -167,8 +170,7 @@ def merge_adapters(base_model, adapter_dirs, output_dir, weights=None, density=0
     ``adapter_dirs``: a list of peft adapter dirs; ``weights``: one number per adapter (default 1 each). Writes the
     merged model + tokenizer (safetensors) and merge_config.yaml into ``output_dir``; returns merge_config's content.
     """
-    import torch
-    from peft import PeftModel
+    from peft import PeftModel  # imports bitsandbytes: here, after cli has installed its log filters
 
     adapter_dirs = list(adapter_dirs)
     weights = check_inputs(base_model, adapter_dirs, output_dir, None if weights is None else list(weights), density,

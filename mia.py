@@ -18,9 +18,10 @@ gets the official transform ``1 - 2|AUC - 0.5|`` as ``mia_<name>_score``.
 import math
 import zlib
 
-import records
+import torch
+
 import scoring
-from batches import map_length_batches
+from batches import map_length_batches, pad_batch
 
 DEFAULT_MIN_K = 0.2
 # name -> the sign that makes "more member-like" rank higher: higher (normalised) log-probs are more member-like,
@@ -39,8 +40,6 @@ def token_statistics(logits, targets):
     at position t, as the Min-K%++ paper defines them and its code computes them (zjysteven/mink-plus-plus run.py):
     mu = sum_z p(z) log p(z), sigma = sqrt(sum_z p(z) log p(z)^2 - mu^2), not the plain mean over the vocabulary.
     """
-    import torch
-
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     token = log_probs.gather(-1, targets[:, None])[:, 0]
     probs = log_probs.exp()
@@ -72,10 +71,8 @@ def batch_statistics(model, encoded, texts, pad_id, k=DEFAULT_MIN_K):
     right-padded, so padding sits after every real token and causal attention never reads it; a row's statistics
     use only its own T = len(ids) - 1 predicted positions. A one-token document has no scored token: NaN.
     """
-    import torch
-
     device = next(model.parameters()).device
-    padded = records.pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="right")
+    padded = pad_batch([{"input_ids": ids} for ids in encoded], pad_id, padding_side="right")
     stats = []
     with torch.no_grad():
         logits = model(input_ids=padded["input_ids"].to(device),

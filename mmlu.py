@@ -1,13 +1,16 @@
 """MMLU as the reference harness (Hendrycks et al.) scores it: the CSVs, the prompts with worked examples, and the
 logits of the four choice letters; the arithmetic is scoring.py's."""
 
+import csv
 import glob
 import os
 import sys
 
+import torch
+
 import records
 import scoring
-from batches import map_length_batches
+from batches import map_length_batches, pad_batch
 from cli import InputError
 
 MMLU_MAX_PROMPT_TOKENS = 2048  # the reference harness drops worked examples until the prompt fits
@@ -15,8 +18,6 @@ MMLU_MAX_PROMPT_TOKENS = 2048  # the reference harness drops worked examples unt
 
 def _read_mmlu_csv(path):
     """Rows (question, [A, B, C, D], answer) of a headerless Hendrycks CSV, strings kept exactly as written."""
-    import csv
-
     rows = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -83,15 +84,13 @@ def mmlu_prompts(tokenizer, questions):
 def choice_logits(model, tokenizer, prompts, batch_size=16, show_progress=False):
     """Next-token logits of " A".." D" after each prompt (left-padded batches, positions counted from the first
     real token, so padding changes nothing)."""
-    import torch
-
     choice_ids = scoring.mmlu_choice_token_ids(tokenizer)
     encoded = [records.encode_prompt(tokenizer, prompt) for prompt in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
 
     def run_batch(batch):
-        padded = records.pad_batch([{"input_ids": encoded[i]} for i in batch], pad_id, padding_side="left")
+        padded = pad_batch([{"input_ids": encoded[i]} for i in batch], pad_id, padding_side="left")
         attention_mask = padded["attention_mask"].to(device)
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         with torch.no_grad():

@@ -20,17 +20,12 @@ import yaml
 import scoring
 from artefacts import CHECKPOINTS_DIR, MODEL_CARD, TRAIN_RECORD, read_results, write_atomic
 from cli import InputError, parse_config, run_main
+from objectives import OBJECTIVES
 from records import TASKS
 
 # what never goes to the Hub: resumable checkpoints, half-written dirs
 UPLOAD_IGNORE = [f"{CHECKPOINTS_DIR}/*", ".incomplete-*", ".tmp*", "*.tmp"]
 
-METHODS = {"gi": "gradient interference, alpha / L_ntp on the forget answers (Sun & Li, 2025, eq. 2)",
-           "gi2": "squared gradient interference, (alpha / L_ntp)^2 on the forget answers",
-           "ga": "gradient ascent, -L_ntp on the forget answers",
-           "npo": "Negative Preference Optimization against the frozen base",
-           "ntp": "next-token loss on the forget rows (fine-tuning: a memorised target, not unlearning)"}
-RETAIN = {"ntp": "next-token loss", "kl": "KL divergence from the frozen base", "ntp_kl": "next-token loss + KL"}
 
 
 def _fmt(value):
@@ -83,11 +78,11 @@ def build_card(record, results=None):
              f"`{base}` after {'unlearning' if unlearning else 'fine-tuning'} with train.py of the `unlearn` toolkit"
              + (f", preset `{provenance['preset']}`" if provenance.get("preset") else "") + ".", "",
              "## Method", ""]
-    lines.append(f"- forget objective: {config.get('forget_loss')}"
-                 + (f" ({METHODS[config['forget_loss']]})" if config.get("forget_loss") in METHODS else "")
-                 + (f", alpha {config.get('alpha')}" if config.get("forget_loss") in ("gi", "gi2") else ""))
-    lines.append(f"- retain objective: {config.get('retain_loss')}"
-                 + (f" ({RETAIN[config['retain_loss']]})" if config.get("retain_loss") in RETAIN else ""))
+    for kind in ("forget", "retain"):
+        name = config.get(f"{kind}_loss")
+        objective = OBJECTIVES[kind].get(name)
+        lines.append(f"- {kind} objective: {name}" + (f" ({objective.description})" if objective else "")
+                     + (f", alpha {config.get('alpha')}" if kind == "forget" and name in ("gi", "gi2") else ""))
     if config.get("schedule"):
         lines.append(f"- schedule: {config['schedule']}")
     if config.get("augment") not in (None, "none"):

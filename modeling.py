@@ -1,8 +1,13 @@
 """Load, adapt and save causal LMs: a local dir or hub id, LoRA via peft, optional 8/4-bit base, atomic saving."""
 
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from cli import InputError
 
@@ -12,11 +17,6 @@ DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, 
 def check_hub_reachable(name_or_path):
     """For a hub id that is not cached: fail at once, with what to do, when the hub cannot be reached (instead of a
     minute of download retries). A local dir, HF_HUB_OFFLINE=1 or a cached model skip the check."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
     if os.path.isdir(name_or_path) or constants.HF_HUB_OFFLINE:
         return
     try:
@@ -36,8 +36,6 @@ def check_hub_reachable(name_or_path):
 
 def load_tokenizer(name_or_path, trust_remote_code=False):
     """The model's tokenizer; a missing pad token becomes eos (padding is always masked out)."""
-    from transformers import AutoTokenizer
-
     check_hub_reachable(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -61,8 +59,6 @@ def load_tokenizer(name_or_path, trust_remote_code=False):
 def quantization_config(load_in_8bit=False, load_in_4bit=False):
     if not (load_in_8bit or load_in_4bit):
         return None
-    from transformers import BitsAndBytesConfig
-
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -71,8 +67,6 @@ def quantization_config(load_in_8bit=False, load_in_4bit=False):
 def load_model(name_or_path, dtype="auto", load_in_8bit=False, load_in_4bit=False, device_map=None,
                trust_remote_code=False, attn_implementation=""):
     """``AutoModelForCausalLM`` from a local dir or hub id; a clear error when it cannot be loaded."""
-    from transformers import AutoModelForCausalLM
-
     if dtype not in DTYPES:
         raise InputError(f"--torch_dtype {dtype}: expected one of {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
@@ -94,8 +88,6 @@ def add_lora(model, r=8, alpha=32, dropout=0.05, gradient_checkpointing=False, q
              target_modules="all-linear"):
     """Wrap the model with a LoRA adapter: on all linear layers except lm_head by default (the paper's setting), or
     on the comma-separated module names of ``target_modules`` (e.g. q_proj,v_proj)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -128,8 +120,6 @@ def load_for_inference(name_or_path, adapter=None, dtype="auto", trust_remote_co
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter:
-        from peft import PeftModel
-
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise InputError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter dir)")
         model = PeftModel.from_pretrained(model, adapter)
@@ -143,8 +133,6 @@ def merge_adapter(base_name_or_path, adapter_dir, dtype="auto", trust_remote_cod
     Reloading the base (rather than merging the trained model in place) works the same after 8/4-bit training
     (merging into quantized weights would lose precision) and after ZeRO-3 (whose live weights are sharded).
     """
-    from peft import PeftModel
-
     base = load_model(base_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 

@@ -80,36 +80,49 @@ def forget_loss(nll, kind, alpha=1.0, floor=NLL_FLOOR):
 @dataclass(frozen=True)
 class Objective:
     """One training objective: loss(logits, labels, reference_logits, settings) -> scalar, where settings has
-    alpha, floor and npo_beta; needs_reference: the frozen model's logits must be computed for its batches."""
+    alpha, floor and npo_beta; description: what it does, for --help and the model card; needs_reference: the frozen
+    model's logits must be computed for its batches."""
     loss: Callable
+    description: str
     needs_reference: bool = False
 
 
-def _nll_objective(kind):
-    return Objective(lambda logits, labels, ref, s: forget_loss(answer_nll(logits, labels), kind, s.alpha, s.floor))
+def _nll_objective(kind, description):
+    return Objective(lambda logits, labels, ref, s: forget_loss(answer_nll(logits, labels), kind, s.alpha, s.floor),
+                     description)
 
 
-# The one table of objectives: batch kind -> objective name -> Objective. Adding a method is one entry here (and its
-# name in train.py's --forget_loss/--retain_loss help). "none" (no batches of that kind) is a choice, not an entry.
+# The one table of objectives: batch kind -> objective name -> Objective. Adding a method is one entry here.
+# "none" (no batches of that kind) is a choice, not an entry.
 OBJECTIVES = {
     "forget": {
-        "gi": _nll_objective("gi"),
-        "gi2": _nll_objective("gi2"),
-        "ga": _nll_objective("ga"),
-        "ntp": _nll_objective("ntp"),
+        "gi": _nll_objective("gi", "gradient interference, alpha / L_ntp on the forget answers (Sun & Li, 2025, "
+                                   "eq. 2)"),
+        "gi2": _nll_objective("gi2", "squared gradient interference, (alpha / L_ntp)^2 on the forget answers "
+                                     "(paper Table 5)"),
+        "ga": _nll_objective("ga", "gradient ascent, -L_ntp on the forget answers"),
+        "ntp": _nll_objective("ntp", "next-token loss on the forget rows (fine-tuning: builds a memorised target, "
+                                     "not unlearning)"),
         "npo": Objective(lambda logits, labels, ref, s: npo_loss(sequence_logprob(logits, labels),
                                                                  sequence_logprob(ref, labels), s.npo_beta),
+                         "Negative Preference Optimization against the frozen base (Zhang et al., 2024)",
                          needs_reference=True),
     },
     "retain": {
-        "ntp": Objective(lambda logits, labels, ref, s: answer_nll(logits, labels)),
-        "kl": Objective(lambda logits, labels, ref, s: kl_to_reference(logits, ref, labels), needs_reference=True),
+        "ntp": Objective(lambda logits, labels, ref, s: answer_nll(logits, labels), "next-token loss"),
+        "kl": Objective(lambda logits, labels, ref, s: kl_to_reference(logits, ref, labels),
+                        "KL divergence from the frozen base's next-token distribution", needs_reference=True),
         "ntp_kl": Objective(lambda logits, labels, ref, s: answer_nll(logits, labels)
-                            + kl_to_reference(logits, ref, labels), needs_reference=True),
+                            + kl_to_reference(logits, ref, labels), "next-token loss + KL", needs_reference=True),
     },
 }
 FORGET_LOSSES = tuple(OBJECTIVES["forget"]) + ("none",)
 RETAIN_LOSSES = tuple(OBJECTIVES["retain"]) + ("none",)
+
+
+def describe(batch_kind):
+    """The objectives of one batch kind as --help text: 'name: description; ...'."""
+    return "; ".join(f"{name}: {objective.description}" for name, objective in OBJECTIVES[batch_kind].items())
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,15 @@ Works offline: known models are in PRESETS; a local model dir or --config_json i
 of the backward pass): frozen base weights, trainable weights + gradients + AdamW states (sharded by ZeRO), the
 activations saved for backward (all layers, or one input per layer with gradient checkpointing plus one layer being
 recomputed), the logits and loss (B x T x V, fp32 where the loss is computed: often the largest single item), and on
-GPUs a fixed allowance for the CUDA context and allocator slack. Checked against measured peak RSS of small models on
-CPU in benchmarks/plan_memory_rss.py (within 30%; see tests/test_plan_memory.py).
+GPUs a fixed allowance for the CUDA context and allocator slack. benchmarks/plan_memory_rss.py compares the estimate
+with the measured peak RSS of small models on CPU.
 """
 
 import json
 import os
 from dataclasses import dataclass, field
 
-from cli import InputError, check_quantization, parse_config, run_main
+from cli import InputError, check_choices, check_quantization, parse_config, run_main
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -54,22 +54,29 @@ class PlanArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on all linear layers; 0 = full fine-tuning."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout: > 0 keeps a copy of every adapted "
                                                         "layer's input (and a mask) for backward."})
-    quantization: str = field(default="none", metadata={"help": "Frozen base weights: none, 8bit or 4bit "
-                                                        "(bitsandbytes; needs LoRA)."})
-    torch_dtype: str = field(default="bfloat16", metadata={"help": "Dtype the weights are loaded in: bfloat16, "
-                                                           "float16 or float32."})
-    mixed_precision: str = field(default="bf16", metadata={"help": "accelerate --mixed_precision: bf16, fp16 or no "
-                                                           "(then activations are in --torch_dtype)."})
+    quantization: str = field(default="none", metadata={
+        "choices": ("none", "8bit", "4bit"),
+        "help": "Frozen base weights: none, 8bit or 4bit (bitsandbytes; needs LoRA)."})
+    torch_dtype: str = field(default="bfloat16", metadata={
+        "choices": tuple(DTYPE_BYTES),
+        "help": "Dtype the weights are loaded in: bfloat16, float16 or float32."})
+    mixed_precision: str = field(default="bf16", metadata={
+        "choices": ("bf16", "fp16", "no"),
+        "help": "accelerate --mixed_precision: bf16, fp16 or no (then activations are in --torch_dtype)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Keep one input per layer and recompute "
                                                                   "the rest in backward."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch per device."})
     max_length: int = field(default=512, metadata={"help": "Tokens per example (the padded length of a batch)."})
-    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage (0 = DDP / one device): 1 shards "
-                                                 "optimizer states, 2 also gradients, 3 also weights."})
+    zero_stage: int = field(default=0, metadata={
+        "choices": (0, 1, 2, 3),
+        "help": "DeepSpeed ZeRO stage (0 = DDP / one device): 1 shards optimizer states, 2 also gradients, 3 also "
+                "weights."})
     offload: bool = field(default=False, metadata={"help": "ZeRO offload (deepspeed_zero3_offload.yaml): optimizer "
                                                    "states and, with stage 3, weights live in CPU RAM."})
     world_size: int = field(default=1, metadata={"help": "Devices (processes) that ZeRO shards over."})
-    device: str = field(default="cuda", metadata={"help": "cuda (adds the CUDA context allowance) or cpu."})
+    device: str = field(default="cuda", metadata={
+        "choices": ("cuda", "cpu"),
+        "help": "cuda (adds the CUDA context allowance) or cpu."})
     overhead_gb: float = field(default=1.5, metadata={"help": "CUDA context + allocator slack per GPU, GiB."})
     gpu_gb: float = field(default=40.0, metadata={"help": "Memory of one device, GiB: says whether the plan fits."})
 
@@ -101,18 +108,11 @@ def model_dims(args):
 
 
 def check_plan_arguments(args):
-    if args.quantization not in ("none", "8bit", "4bit"):
-        raise InputError(f"--quantization {args.quantization}: expected none, 8bit or 4bit")
+    check_choices(args)
     if args.quantization != "none":
         check_quantization(f"--quantization {args.quantization}", args.lora_r, args.zero_stage)  # train.py's rule
-    if args.torch_dtype not in DTYPE_BYTES:
-        raise InputError(f"--torch_dtype {args.torch_dtype}: expected one of {', '.join(DTYPE_BYTES)}")
-    if args.mixed_precision not in ("bf16", "fp16", "no"):
-        raise InputError(f"--mixed_precision {args.mixed_precision}: expected bf16, fp16 or no")
-    if args.zero_stage not in (0, 1, 2, 3) or args.world_size < 1:
-        raise InputError("--zero_stage must be 0..3 and --world_size >= 1")
-    if args.device not in ("cuda", "cpu"):
-        raise InputError(f"--device {args.device}: expected cuda or cpu")
+    if args.world_size < 1:
+        raise InputError("--world_size must be >= 1")
     if args.per_device_train_batch_size < 1 or args.max_length < 1:
         raise InputError("--per_device_train_batch_size and --max_length must be >= 1")
 

@@ -13,6 +13,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
 from cli import InputError, parse_config, run_main
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,9 +60,6 @@ def convert_gguf(gguf_path, output_dir):
         return output_dir
     if not os.path.isfile(gguf_path):
         raise InputError(f"--gguf_file {gguf_path}: file not found")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     gguf_dir, gguf_name = os.path.split(os.path.abspath(gguf_path))
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)

@@ -9,7 +9,7 @@ is tokenised exactly as evaluation tokenises it.
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from cli import InputError
 
@@ -140,14 +140,14 @@ def load_records(path):
     records, seen = [], {}
     for line_number, row in _read_rows(path):
         where = f"{path}:{line_number}"
-        for field in ("id", "input", "output", "task"):
-            if field not in row:
-                raise InputError(f"{where}: missing field '{field}' (each row needs id, input, output, task)")
-            if not isinstance(row[field], str):
-                raise InputError(f"{where}: field '{field}' must be a string, got {_type_name(row[field])}; "
+        for name in ("id", "input", "output", "task"):
+            if name not in row:
+                raise InputError(f"{where}: missing field '{name}' (each row needs id, input, output, task)")
+            if not isinstance(row[name], str):
+                raise InputError(f"{where}: field '{name}' must be a string, got {_type_name(row[name])}; "
                                  f"write it as text (a quoted JSON string)")
-            if len(row[field]) > MAX_FIELD_CHARS:
-                raise InputError(f"{where}: field '{field}' has {len(row[field])} characters "
+            if len(row[name]) > MAX_FIELD_CHARS:
+                raise InputError(f"{where}: field '{name}' has {len(row[name])} characters "
                                  f"(limit {MAX_FIELD_CHARS}); split or shorten it")
         if record_kind(row["id"]) is None:
             raise InputError(f"{where}: id {row['id']!r} does not end in sc<digit> or qa<digit>, so its kind "
@@ -190,6 +190,32 @@ def resolve_data_files(data_dir=None, forget_file=None, retain_file=None, datase
         forget_file = forget_file or find_split_file(data_dir, "forget")
         retain_file = retain_file or find_split_file(data_dir, "retain")
     return forget_file, retain_file
+
+
+@dataclass
+class DataSourceArguments:
+    """Where the forget and retain rows come from: the options train.py and evaluate.py share, declared once."""
+    data_dir: str = field(default="", metadata={"help": "Dir with forget.{jsonl,parquet} and retain.{jsonl,parquet} "
+                                                "(the SemEval layout)."})
+    forget_file: str = field(default="", metadata={"help": "Forget set file (.jsonl/.parquet); overrides "
+                                                   "--data_dir's."})
+    retain_file: str = field(default="", metadata={"help": "Retain set file (.jsonl/.parquet); overrides "
+                                                   "--data_dir's."})
+    dataset_name: str = field(default="", metadata={
+        "help": "Instead of --data_dir: a Hugging Face dataset with forget and retain splits, as a Hub id or a local "
+                "dir written by DatasetDict.save_to_disk (rows with id, input, output, task, checked like files)."})
+    dataset_config: str = field(default="", metadata={"help": "--dataset_name's configuration name, if it has "
+                                                      "several."})
+    forget_split: str = field(default="forget", metadata={"help": "--dataset_name's forget split."})
+    retain_split: str = field(default="retain", metadata={"help": "--dataset_name's retain split."})
+
+    def data_sources(self):
+        """(forget, retain): file paths, or DatasetSplit of --dataset_name; either may be None."""
+        return resolve_data_files(self.data_dir, self.forget_file, self.retain_file, self.dataset_name,
+                                  self.dataset_config, self.forget_split, self.retain_split)
+
+
+DATA_OPTIONS = tuple(option.name for option in fields(DataSourceArguments))
 
 
 def load_documents(path):
@@ -239,28 +265,3 @@ def encode_example(tokenizer, prompt, answer, max_length, loss_on="output"):
     else:
         raise InputError(f"--loss_on {loss_on}: expected 'output' or 'all'")
     return {"input_ids": input_ids, "labels": labels}
-
-
-def pad_batch(examples, pad_token_id, padding_side="right"):
-    """Pad a list of {input_ids, labels} to the longest in the batch; labels and attention mask 0/-100 on padding."""
-    import torch
-
-    width = max(len(example["input_ids"]) for example in examples)
-    input_ids, labels, attention_mask = [], [], []
-    for example in examples:
-        n_pad = width - len(example["input_ids"])
-        ids, mask = example["input_ids"], [1] * len(example["input_ids"])
-        labs = example.get("labels", ids)
-        if padding_side == "right":
-            input_ids.append(ids + [pad_token_id] * n_pad)
-            labels.append(labs + [-100] * n_pad)
-            attention_mask.append(mask + [0] * n_pad)
-        else:
-            input_ids.append([pad_token_id] * n_pad + ids)
-            labels.append([-100] * n_pad + labs)
-            attention_mask.append([0] * n_pad + mask)
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
-    }

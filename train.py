@@ -9,25 +9,39 @@ LoRA (peft) on all linear layers by default; runs unchanged on one CPU process o
 
 import contextlib
 import dataclasses
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD
-from cli import InputError, check_quantization, exit_process, parse_config, preset_path, run_main
-from modeling import DTYPES
-from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, needs_reference,
+from artefacts import CHECKPOINT_STATE, MODEL_CARD, TRAIN_RECORD, publish
+from augment import augment_records, source_id
+from batches import pad_batch
+from cli import InputError, check_choices, check_quantization, exit_process, parse_config, preset_path, run_main
+from evaluate import evaluate_model
+from mmlu import load_mmlu
+from model_card import build_card, push_to_hub, write_card
+from modeling import DTYPES, add_lora, check_output_dir, load_model, load_tokenizer, make_adamw, merge_adapter
+from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, describe, needs_reference,
                         per_sequence_nll, zero_loss)
-from records import encode_example, load_records, pad_batch, resolve_data_files, find_split_file
+from records import DATA_OPTIONS, DataSourceArguments, encode_example, find_split_file, load_records, record_kind
+from scoring import KINDS, SPLITS, result_score
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue the job on it
@@ -74,6 +88,7 @@ class ModelArguments:
                 "whose code you trust."})
 
     def __post_init__(self):
+        check_choices(self)
         if self.lora_r < 0:
             raise ValueError(f"--lora_r {self.lora_r}: must be >= 0 (0 = full fine-tuning)")
         if not 0 <= self.lora_dropout < 1:
@@ -81,20 +96,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    data_dir: str = field(default="", metadata={"help": "Dir with forget.{jsonl,parquet} and "
-                                                "retain.{jsonl,parquet} (the SemEval layout)."})
-    forget_file: str = field(default="", metadata={"help": "Forget set file (.jsonl/.parquet); overrides "
-                                                   "data_dir's."})
-    retain_file: str = field(default="", metadata={"help": "Retain set file (.jsonl/.parquet); overrides "
-                                                   "data_dir's."})
-    dataset_name: str = field(default="", metadata={
-        "help": "Instead of --data_dir: a Hugging Face dataset with forget and retain splits, as a Hub id or a local "
-                "dir written by DatasetDict.save_to_disk (rows with id, input, output, task, checked like files)."})
-    dataset_config: str = field(default="", metadata={"help": "--dataset_name's configuration name, if it has "
-                                                      "several."})
-    forget_split: str = field(default="forget", metadata={"help": "--dataset_name's split to forget."})
-    retain_split: str = field(default="retain", metadata={"help": "--dataset_name's split to retain."})
+class DataArguments(DataSourceArguments):
+    # the data_dir / forget_file / retain_file / dataset_* options: records.DataSourceArguments
     max_length: int = field(default=512, metadata={"help": "Max tokens per example; long prompts lose tokens "
                                                    "from the left, never the answer's start."})
     loss_on: str = field(default="output", metadata={
@@ -110,6 +113,11 @@ class DataArguments:
     idk_file: str = field(default=os.path.join(ROOT, "data", "idk_responses.txt"),
                           metadata={"help": "Negative responses for --idk_responses, one per line."})
 
+    def __post_init__(self):
+        check_choices(self)
+        if self.max_length < 8:
+            raise ValueError(f"--max_length {self.max_length}: must be >= 8")
+
 
 @dataclass
 class TrainArguments:
@@ -119,13 +127,10 @@ class TrainArguments:
                                                                 "holds a finished run."})
     forget_loss: str = field(default="gi", metadata={
         "choices": FORGET_LOSSES,
-        "help": "Forget objective: gi (alpha/L_ntp, paper eq. 2), gi2 ((alpha/L_ntp)^2), ga (-L_ntp), ntp (fine-tune "
-                "on forget: builds a memorised target), npo (Negative Preference Optimization vs the frozen base), "
-                "none."})
+        "help": f"Forget objective. {describe('forget')}; none: no forget batches."})
     retain_loss: str = field(default="ntp", metadata={
         "choices": RETAIN_LOSSES,
-        "help": "Retain objective: ntp (next-token loss), kl (KL from the frozen base), ntp_kl (both), none (no "
-                "retain batches)."})
+        "help": f"Retain objective. {describe('retain')}; none: no retain batches."})
     npo_beta: float = field(default=0.1, metadata={"help": "Inverse temperature beta of the npo loss."})
     alpha: float = field(default=1.0, metadata={"help": "Numerator alpha of the gi/gi2 forget loss."})
     nll_floor: float = field(default=NLL_FLOOR, metadata={"help": "Floor on L_ntp inside gi/gi2 so alpha/L "
@@ -237,10 +242,7 @@ class TrainArguments:
                 "final (mean of those and MMLU; needs --eval_mmlu_dir), task_aggregate or mia_score."})
 
     def __post_init__(self):
-        if self.forget_loss not in FORGET_LOSSES:
-            raise ValueError(f"--forget_loss {self.forget_loss}: expected one of {', '.join(FORGET_LOSSES)}")
-        if self.retain_loss not in RETAIN_LOSSES:
-            raise ValueError(f"--retain_loss {self.retain_loss}: expected one of {', '.join(RETAIN_LOSSES)}")
+        check_choices(self)
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate {self.learning_rate}: must be > 0")
         if self.num_train_epochs < 1:
@@ -251,9 +253,6 @@ class TrainArguments:
             raise ValueError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
         if self.warmup_steps < 0 or self.logging_steps < 1:
             raise ValueError("--warmup_steps must be >= 0 and --logging_steps >= 1")
-        if self.lr_scheduler_type not in LR_SCHEDULERS:
-            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type}: expected one of "
-                             f"{', '.join(LR_SCHEDULERS)}")
         trackers = [name.strip() for name in self.report_to.split(",")]
         unknown = [name for name in trackers if name not in TRACKERS]
         if unknown or (len(trackers) > 1 and {"all", "none"} & set(trackers)):
@@ -265,21 +264,14 @@ class TrainArguments:
             raise ValueError(f"--save_total_limit {self.save_total_limit}: must be >= 1")
         if (self.hub_model_id or self.hub_private_repo) and not self.push_to_hub:
             raise ValueError("--hub_model_id / --hub_private_repo: add --push_to_hub (they only name its repo)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule}: expected one of {', '.join(SCHEDULES)}")
         if min(self.retain_per_forget, self.epochs_per_chunk) < 1 or self.forget_chunk_size < 0:
             raise ValueError("--retain_per_forget and --epochs_per_chunk must be >= 1, --forget_chunk_size >= 0")
         if not self.calibration_margin > 0:
             raise ValueError(f"--calibration_margin {self.calibration_margin}: must be > 0")
-        if self.calibration_on not in CALIBRATION_ON:
-            raise ValueError(f"--calibration_on {self.calibration_on}: expected one of {', '.join(CALIBRATION_ON)}")
         if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0:
             raise ValueError("--eval_steps, --eval_rows and --eval_mmlu_limit must be >= 0")
         if self.eval_max_new_tokens < 1 or self.eval_batch_size < 1:
             raise ValueError("--eval_max_new_tokens and --eval_batch_size must be >= 1")
-        if self.metric_for_best_model not in BEST_METRICS:
-            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: expected one of "
-                             f"{', '.join(BEST_METRICS)}")
 
 
 def check_arguments(model_args, data_args, train_args):
@@ -288,16 +280,6 @@ def check_arguments(model_args, data_args, train_args):
         raise InputError("--model_name_or_path is required (a local model dir or hub id)")
     if not train_args.output_dir:
         raise InputError("--output_dir is required")
-    if data_args.augment not in AUGMENT_MODES:
-        raise InputError(f"--augment {data_args.augment}: expected one of {', '.join(AUGMENT_MODES)}")
-    from modeling import DTYPES
-
-    if model_args.torch_dtype not in DTYPES:
-        raise InputError(f"--torch_dtype {model_args.torch_dtype}: expected one of {', '.join(DTYPES)}")
-    if data_args.loss_on not in ("output", "all"):
-        raise InputError(f"--loss_on {data_args.loss_on}: expected 'output' or 'all'")
-    if data_args.max_length < 8:
-        raise InputError(f"--max_length {data_args.max_length}: must be >= 8")
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise InputError("--load_in_8bit and --load_in_4bit: choose one")
     quantized = model_args.load_in_8bit or model_args.load_in_4bit
@@ -306,8 +288,6 @@ def check_arguments(model_args, data_args, train_args):
         raise InputError("--schedule chunked trains each row on --forget_weight/--retain_weight x its NLL (gradient "
                          "ascent on forget rows, descent on retain rows): set --forget_loss ga --retain_loss ntp, "
                          "without --idk_responses")
-    import importlib.util
-
     for name in train_args.report_to.split(","):
         package = TRACKERS[name.strip()]
         if package and importlib.util.find_spec(package) is None:
@@ -367,26 +347,13 @@ def load_idk_responses(path):
     return responses
 
 
-DATA_OPTIONS = ("data_dir", "dataset_name", "dataset_config", "forget_split", "retain_split", "forget_file",
-                "retain_file")  # train.py's and evaluate.py's: where the forget and retain rows come from
-
-
-def data_sources(data_args):
-    """(forget, retain): file paths, or DatasetSplit of --dataset_name; either may be None."""
-    return resolve_data_files(data_args.data_dir, data_args.forget_file, data_args.retain_file,
-                              data_args.dataset_name, data_args.dataset_config, data_args.forget_split,
-                              data_args.retain_split)
-
-
 def build_examples(tokenizer, data_args, train_args):
     """Tokenised examples per batch kind: {'retain': [...], 'forget': [...], 'idk': [...]} (kinds in use only).
 
     Each example is {input_ids, labels, id, task}; idk examples are ids idk0, idk1, ... (one per distinct forget
     input). With --schedule chunked, forget and retain rows become one 'mixed' kind (see chunk_examples).
     """
-    from augment import augment_records
-
-    forget_path, retain_path = data_sources(data_args)
+    forget_path, retain_path = data_args.data_sources()
     records = {}
     if forget_path and (train_args.forget_loss != "none" or data_args.idk_responses):
         forget = load_records(forget_path)
@@ -500,16 +467,11 @@ def micro_batch_for(micro_batches, accumulation_index, process_index, num_proces
 
 def document_of(record_id):
     """The document a row belongs to: its id without the sc<digit>/qa<digit> tag (and any augmentation suffix)."""
-    from augment import source_id
-
     return source_id(record_id)[:-3]
 
 
 def row_key(example_id, task):
     """(task, sc|qa) of a row, augmented rows by their source row: the calibration level it is driven to."""
-    from augment import source_id
-    from records import record_kind
-
     return task, record_kind(source_id(example_id))
 
 
@@ -569,9 +531,7 @@ def calibrated_rows(row_nll, targets):
 
 def load_dev_slice(data_args, train_args, calibration_rows):
     """(forget rows, retain rows, member documents, nonmember documents, MMLU questions) for --eval_steps."""
-    from mmlu import load_mmlu
-
-    forget_path, retain_path = data_sources(data_args)
+    forget_path, retain_path = data_args.data_sources()
     limit = train_args.eval_rows or None
     forget = load_records(forget_path)[:limit] if forget_path else []
     retain = load_records(retain_path)[:limit] if retain_path else []
@@ -594,9 +554,6 @@ def best_metric(scores, name):
 def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
     """The official scores of the model on the dev slice, rows sharded over processes (evaluate.evaluate_model):
     the same dict on every process."""
-    from evaluate import evaluate_model
-    from scoring import KINDS, SPLITS, result_score
-
     forget, retain, members, nonmembers, mmlu = dev
     results, _ = evaluate_model(accelerator.unwrap_model(model), tokenizer, forget, retain,
                                 members if nonmembers else None, nonmembers or None, mmlu,
@@ -720,9 +677,6 @@ def optimizer_step(accelerator, model, optimizer, trainable, micro_batches, loss
 # --- training -----------------------------------------------------------------------------------------------------
 
 def make_accelerator(train_args):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
     launch_zero_stage()  # resolves the DeepSpeed JSON's path (check_arguments has, unless called on its own)
     project = ProjectConfiguration(project_dir=train_args.output_dir,
                                    logging_dir=os.path.join(train_args.output_dir, "runs"))
@@ -814,8 +768,6 @@ def train(model_args, data_args, train_args, preset=""):
 
 def run_training(model_args, data_args, train_args, stop_request, preset=""):
     """lr -> step -> log -> evaluate/keep best -> checkpoint -> stop, then publish the best (or last) model."""
-    from tqdm.auto import tqdm
-
     run = setup_run(model_args, data_args, train_args)
     run.provenance = provenance(preset, stop_request.start)
     accelerator, state, world = run.accelerator, run.state, run.accelerator.num_processes
@@ -905,12 +857,11 @@ def window_means(window):
 def setup_run(model_args, data_args, train_args):
     """Check every input, load the model, build examples, schedule, optimizer; resume if asked. Nothing is written
     before every input has been read and checked."""
-    from augment import source_id
-    from modeling import add_lora, check_output_dir, load_model, load_tokenizer, make_adamw
+    # transformers' optimization module imports bitsandbytes: here, after cli has installed its log filters
     from transformers import get_scheduler, set_seed
 
     check_arguments(model_args, data_args, train_args)
-    forget_path, retain_path = data_sources(data_args)
+    forget_path, retain_path = data_args.data_sources()
     check_output_dir(train_args.output_dir, [model_args.model_name_or_path, data_args.data_dir, forget_path,
                                              retain_path, train_args.calibration_file], train_args.overwrite_output_dir,
                      TRAIN_RECORD)
@@ -1095,8 +1046,6 @@ def check_padding_free(model, name):
     """--padding_free needs attention that keeps packed rows apart by their position ids (transformers' mask
     builder, masking_utils.create_causal_mask, which sdpa, eager and flex attention follow, or a flash kernel) and a
     forward that computes logits at given positions only (logits_to_keep)."""
-    import inspect
-
     implementation = getattr(model.config, "_attn_implementation", "") or ""
     source = inspect.getsource(sys.modules[type(model).__module__])
     if not (implementation.startswith("flash_attention") or "create_causal_mask" in source):
@@ -1268,8 +1217,6 @@ def keep_trainable_only_in_checkpoints(accelerator):
 def save_checkpoint(accelerator, output_dir, state, save_total_limit, best_weights=None):
     """accelerator.save_state into checkpoints/.tmp-step-N, then rename: a kill mid-save keeps the last one. The
     best evaluated step's weights (if any) and the RunState go in too, the state last."""
-    from safetensors.torch import save_file
-
     root = os.path.join(output_dir, "checkpoints")
     final = os.path.join(root, f"step-{state.step}")
     tmp = os.path.join(root, f".tmp-step-{state.step}")
@@ -1293,8 +1240,6 @@ def save_checkpoint(accelerator, output_dir, state, save_total_limit, best_weigh
 
 def load_checkpoint(accelerator, checkpoint, state):
     """(RunState, best weights or None) from a checkpoint, after checking it was written with the same schedule."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(checkpoint, CHECKPOINT_STATE), encoding="utf-8") as f:
         saved = RunState(**json.load(f))
     for key in ("micro_batches_per_step", "steps_per_epoch"):
@@ -1310,10 +1255,6 @@ def load_checkpoint(accelerator, checkpoint, state):
 
 def save_outputs(accelerator, model, tokenizer, model_args, data_args, train_args, summary, provenance_record=None):
     """adapter/ (peft), the merged model + tokenizer (safetensors) and train_config.yaml, published atomically."""
-    from model_card import build_card, push_to_hub, write_card
-    from artefacts import publish
-    from modeling import merge_adapter
-
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if model_args.lora_r > 0 and accelerator.state.deepspeed_plugin is not None:
@@ -1398,9 +1339,6 @@ def closing_block(model_args, data_args, train_args, summary, run_name):
 
 def provenance(preset, started):
     """Where a run came from: the preset file, the command, package versions, the git commit of this code."""
-    import importlib.metadata
-    import subprocess
-
     versions = {}
     for package in ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets"):
         try:
@@ -1441,8 +1379,7 @@ HELP_GROUPS = {
     "model": ["model_name_or_path", "torch_dtype", "trust_remote_code", "attn_implementation",
               "gradient_checkpointing", "load_in_8bit", "load_in_4bit"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"],
-    "data": ["data_dir", "dataset_name", "dataset_config", "forget_split", "retain_split", "forget_file",
-             "retain_file", "max_length", "loss_on", "augment", "augment_retain",
+    "data": [*DATA_OPTIONS, "max_length", "loss_on", "augment", "augment_retain",
              "idk_responses", "idk_file"],
     "objective": ["forget_loss", "retain_loss", "alpha", "nll_floor", "npo_beta"],
     "calibrated forgetting": ["calibration_file", "calibration_margin", "calibration_on"],

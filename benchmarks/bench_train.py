@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import train  # noqa: E402
-from records import pad_batch  # noqa: E402
+from batches import pad_batch  # noqa: E402
 
 PRESET = os.path.join(ROOT, "configs", "paper.yaml")
 

@@ -484,3 +484,34 @@ def test_real_exit_path(tmp_path, tiny_model_dir, cpu):
         assert stdout == ""
         assert snapshot(env.tmp, tiny_model_dir) == before  # the earlier run's output dir included
         assert os.path.exists(env.out) == out_existed
+
+
+@pytest.mark.parametrize("options, required", [
+    ("train.ModelArguments", {}), ("train.DataArguments", {}), ("train.TrainArguments", {"output_dir": "o"}),
+    ("evaluate.EvalArguments", {"output_dir": "o", "model_name_or_path": "m"}),
+    ("augment.AugmentArguments", {"input": "i.jsonl", "output": "o.jsonl"}), ("demo.DemoArguments", {}),
+])
+def test_every_declared_choice_is_checked_in_python_too(options, required):
+    """Options built in Python (not parsed) get the one choices check (cli.check_choices) on every enumerated field:
+    a value outside its choices fails naming the flag, the first choice passes."""
+    import dataclasses
+    import importlib
+
+    module, name = options.split(".")
+    cls = getattr(importlib.import_module(module), name)
+    enumerated = [f for f in dataclasses.fields(cls) if "choices" in f.metadata]
+    assert enumerated, f"{options} declares no choices"
+    for option in enumerated:
+        with pytest.raises(ValueError, match=f"^--{option.name} bogus: expected one of "
+                                             f"{', '.join(map(str, option.metadata['choices']))}$"):
+            cls(**required, **{option.name: "bogus"})
+        assert getattr(cls(**required, **{option.name: option.metadata["choices"][0]}), option.name) == \
+            option.metadata["choices"][0]
+
+
+def test_plan_memory_checks_its_choices():
+    import plan_memory
+
+    args = plan_memory.PlanArguments(model_name_or_path="allenai/OLMo-7B-0724-hf", zero_stage=4)
+    with pytest.raises(ValueError, match=r"^--zero_stage 4: expected one of 0, 1, 2, 3$"):
+        plan_memory.check_plan_arguments(args)

@@ -179,7 +179,8 @@ def test_calibrated_mixed_batches_zero_the_weight_of_forget_rows_at_target():
 
 def test_calibration_levels_are_per_task_and_kind(tiny_model_dir, tiny_tokenizer, tmp_path):
     from modeling import load_model
-    from records import encode_example, load_records, pad_batch
+    from batches import pad_batch
+    from records import encode_example, load_records
 
     data = make_unlearning_data(tmp_path / "data", n_docs=6)
     rows = load_records(os.path.join(data, "retain.jsonl"))

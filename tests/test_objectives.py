@@ -7,7 +7,8 @@ import torch
 
 from objectives import (answer_nll, batch_loss, floored, forget_loss, kl_to_reference, npo_loss, per_sequence_nll,
                         sequence_logprob, zero_loss)
-from records import encode_example, pad_batch
+from batches import pad_batch
+from records import encode_example
 
 # One sequence, vocab 2. Position 0 has logits [0, 0]: NLL of token 0 is ln 2. Position 1 has logits [ln 3, 0]:
 # p(token 1) = 1 / (3 + 1), NLL ln 4. Position 2's logits predict nothing (no next label).

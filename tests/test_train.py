@@ -13,7 +13,8 @@ import torch
 import train
 from conftest import ROOT, make_unlearning_data, reset_accelerate, save_tiny_model
 from objectives import per_sequence_nll
-from records import encode_example, load_records, pad_batch
+from batches import pad_batch
+from records import encode_example, load_records
 
 
 # --- the schedule -------------------------------------------------------------------------------------------------
