@@ -137,11 +137,9 @@ def test_time_budget_stops_early_and_saves(tmp_path, tiny_model_dir, reference):
     data, _, expected_result = reference
     out = str(tmp_path / "out")
     command = train_command(tiny_model_dir, data, out, "--num_train_epochs", "200", "--max_train_minutes", "0.1")
-    start = time.time()
     subprocess.run([c for c in command if c != "--no_merge_lora"], check=True, env=ENV, capture_output=True,
                    timeout=300)
     result = yaml.safe_load(open(os.path.join(out, "train_config.yaml")))["result"]
     assert result["stopped_early"] and result["optimizer_steps"] < result["planned_steps"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
-    assert time.time() - start < 120  # well under what 200 epochs would take
