@@ -7,11 +7,32 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cli import InputError
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PACKED_SDPA = "sdpa_packed"  # the attention implementation train.py --padding_free gives an sdpa model
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, packed_segments=None, **kwargs):
+    """transformers' sdpa attention, except for a packed row given with ``packed_segments`` ([(start, end), ...] of
+    the rows laid end to end, as train.pack_batch packs them): then causal sdpa within each segment, at the cost of
+    each row's T^2 instead of the packed row's N^2 through a block-diagonal mask. What a varlen flash kernel does, for
+    devices without one (CPUs). Every other call (padded rows, generation) is plain sdpa with its mask."""
+    if packed_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    parts = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                                    is_causal=True, **kwargs)[0] for start, end in packed_segments]
+    return torch.cat(parts, dim=1), None  # (1, N, heads, head_dim), as sdpa_attention_forward returns
+
+
+# registered under its own name, with sdpa's mask builder: transformers' documented extension point (AttentionInterface)
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 def check_hub_reachable(name_or_path):

@@ -11,6 +11,11 @@ per variant (`padded`: as it trains by default; `padding_free`: with --padding_f
 and padding share in train_config.yaml. Printed: non-pad tokens/s of each, the ratios, the padding shares, and the
 pad-free limit (the bare loop's tokens/s / (1 - its padding share): what the bare loop would reach if its padding cost
 nothing). Timings go to RESULTS.md by hand, dated; this script only prints them.
+
+First, without training: the padding share of train.py's schedule (one kind per step, rows sorted by length within
+windows of train.LENGTH_GROUP_STEPS steps) over 5 epochs of each --schedule_data dir (default: the demo data and, when
+../shared is there, the SemEval train split), against the same window of 8 steps and against all rows of all kinds
+sorted together (the bare loop's batching).
 """
 
 import argparse
@@ -84,6 +89,28 @@ def bare_loop(args):
     return tokens / (time.perf_counter() - start), 1 - tokens / padded
 
 
+def padding_share(batches):
+    """Pad tokens / all tokens of batches given as lists of row lengths, each padded to its longest."""
+    return 1 - sum(map(sum, batches)) / sum(max(batch) * len(batch) for batch in batches)
+
+
+def schedule_padding(tokenizer, data_dir, batch_size, epochs=5):
+    """Padding share of train.py's schedule at its window, at 8 steps, and of one sort over all rows; row counts."""
+    _, data_args, train_args = train.parse_arguments([PRESET, "--model_name_or_path", "unused", "--data_dir", data_dir,
+                                                      "--output_dir", "unused"])
+    examples = train.build_examples(tokenizer, data_args, train_args)
+    lengths = {kind: [len(e["input_ids"]) for e in rows] for kind, rows in examples.items()}
+    shares = {}
+    for window in (train.LENGTH_GROUP_STEPS, 8):
+        shares[window] = padding_share([[lengths[kind][i] for i in micro_batch] for epoch in range(epochs)
+                                        for kind, micro_batches in train.epoch_schedule(lengths, batch_size, 1,
+                                                                                        train_args.seed, epoch, window)
+                                        for micro_batch in micro_batches])
+    everything = sorted(length for rows in lengths.values() for length in rows)
+    shares["one sort"] = padding_share([everything[i:i + batch_size] for i in range(0, len(everything), batch_size)])
+    return shares, {kind: len(ls) for kind, ls in lengths.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
@@ -92,11 +119,29 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8, help="rows per step (one micro-batch)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each side (run alone)")
-    parser.add_argument("--variants", default="padded,padding_free", help="train.py runs: padded, padding_free")
+    parser.add_argument("--variants", default="padded,padding_free", help="train.py runs: padded, padding_free "
+                        "('' = none: only the schedule's padding)")
+    semeval = os.path.join(ROOT, "..", "shared", "data", "semeval25", "train")
+    parser.add_argument("--schedule_data", default=",".join([os.path.join(ROOT, "data", "demo")]
+                                                            + ([semeval] if os.path.isdir(semeval) else [])),
+                        help="comma-separated data dirs whose schedule padding is printed")
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         sys.exit(f"{args.model}: no model; run python prepare_model.py first (or pass --model)")
     torch.set_num_threads(args.threads)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    print(f"padding share of the schedule, 5 epochs, batch {args.batch_size}:")
+    print(f"| data | rows per kind | window {train.LENGTH_GROUP_STEPS} steps (train.py) | window 8 steps | "
+          f"all rows in one sort |\n|---|---|---|---|---|")
+    for data_dir in filter(None, args.schedule_data.split(",")):
+        shares, counts = schedule_padding(tokenizer, data_dir, args.batch_size)
+        print(f"| {os.path.relpath(data_dir, ROOT)} | {', '.join(f'{k} {n}' for k, n in counts.items())} | "
+              f"{shares[train.LENGTH_GROUP_STEPS]:.3f} | {shares[8]:.3f} | {shares['one sort']:.3f} |")
+    if not args.variants:
+        return
 
     bare_tps, bare_padding = bare_loop(args)
     limit = bare_tps / (1 - bare_padding)

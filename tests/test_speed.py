@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import modeling
 import train
 from conftest import make_unlearning_data, reset_accelerate
 from modeling import load_tokenizer
@@ -23,17 +24,30 @@ def rows_of_lengths(lengths, vocab=60, seed=0):
     return rows
 
 
-def test_packed_rows_give_the_padded_losses_and_gradients(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", modeling.PACKED_SDPA])
+def test_packed_rows_give_the_padded_losses_and_gradients(tiny_model_dir, attention, monkeypatch):
+    """Packed rows, through sdpa's block-diagonal mask or modeling.PACKED_SDPA's per-row attention, give the padded
+    rows' losses and gradients."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.set_attn_implementation(attention)
     rows = rows_of_lengths([7, 3, 12, 5])
-    padded, packed = train.pad_batch(rows, 0), train.pack_batch(rows)
+    segments = attention == modeling.PACKED_SDPA
+    padded, packed = train.pad_batch(rows, 0), train.pack_batch(rows, segments=segments)
     assert packed["packed_input_ids"].shape == (1, 27) and packed["position_ids"][0, 7:10].tolist() == [0, 1, 2]
+    assert packed.get("packed_segments") == (((0, 7), (7, 10), (10, 22), (22, 27)) if segments else None)
+    sdpa, calls = modeling.sdpa_attention_forward, []
+    monkeypatch.setattr(modeling, "sdpa_attention_forward", lambda module, query, *a, **k: calls.append(
+        (query.shape[2], a[2] is None)) or sdpa(module, query, *a, **k))
     # scored: the labelled tokens (the second half of each row), logits one position before each
     assert packed["labels"].shape == (4, 1 + 6) and packed["logits_index"][:4].tolist() == [2, 3, 4, 5]
     assert packed["labels"][1].tolist() == [-100, *rows[1]["input_ids"][1:], -100, -100, -100, -100]
-    a, b = train.forward_logits(model, padded), train.forward_logits(model, packed)
+    a = train.forward_logits(model, padded)
+    assert calls == [(12, False)] * model.config.num_hidden_layers * segments  # padded rows: plain sdpa, with mask
+    calls.clear()
+    b = train.forward_logits(model, packed)
+    assert calls == [(7, True), (3, True), (12, True), (5, True)] * model.config.num_hidden_layers * segments
     assert b.shape == (4, 7, a.size(-1))  # logits of 4 x 7 positions instead of 4 x 12
     labels, compact, weights = padded["labels"], packed["labels"], torch.tensor([-1.0, 0.5, -1.0, 0.5])
     for kind, forget, retain in (("forget", "gi", "ntp"), ("forget", "gi2", "ntp"), ("forget", "npo", "ntp"),
@@ -113,3 +127,30 @@ def test_padding_share_is_what_the_batches_padded_and_padding_free_trains_the_sa
     assert packed["padding_share"] == 0  # the packed rows hold no pad token
     a, b = (load_file(os.path.join(outputs[n], "adapter", "adapter_model.safetensors")) for n in ("padded", "packed"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_rows_are_sorted_by_length_within_each_window_of_steps():
+    """steps_of: every row once per epoch (plus the wrap-around fill), and within each window of LENGTH_GROUP_STEPS
+    steps the rows run from longest to shortest, so a micro-batch holds rows of similar length."""
+    import random
+
+    lengths = [random.Random(i).randint(5, 500) for i in range(2 * 8 * train.LENGTH_GROUP_STEPS + 37)]
+    steps = train.steps_of(range(len(lengths)), lengths, 4, 2, random.Random(0))
+    order = [i for step in steps for micro_batch in step for i in micro_batch]
+    assert len(order) == 8 * len(steps) == 8 * -(-len(lengths) // 8)
+    assert set(order) == set(range(len(lengths)))
+    window = 8 * train.LENGTH_GROUP_STEPS
+    for start in range(0, len(order), window):
+        block = [lengths[i] for i in order[start:start + window]]
+        assert block == sorted(block, reverse=True)
+    assert [lengths[i] for i in order] != sorted((lengths[i] for i in order), reverse=True)  # windows, not one sort
+
+
+def test_a_checkpoint_of_another_length_grouping_is_refused(tmp_path):
+    """A checkpoint written before the window was recorded (8 steps) would resume on another schedule: refused."""
+    old = {key: value for key, value in train.dataclasses.asdict(train.RunState(step=3)).items()
+           if key != "length_group_steps"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(old))
+    now = train.RunState(length_group_steps=train.LENGTH_GROUP_STEPS)
+    with pytest.raises(train.InputError, match=f"written with length_group_steps=8, now {train.LENGTH_GROUP_STEPS}"):
+        train.load_checkpoint(None, str(tmp_path), now)
