@@ -144,6 +144,10 @@ def test_rows_are_sorted_by_length_within_each_window_of_steps():
         block = [lengths[i] for i in order[start:start + window]]
         assert block == sorted(block, reverse=True)
     assert [lengths[i] for i in order] != sorted((lengths[i] for i in order), reverse=True)  # windows, not one sort
+    # --schedule chunked keeps the 8-step windows its benchmark was measured with
+    chunked = train.chunked_schedule(lengths, [(0, len(lengths))], 4, 2, 1, 42, 0)
+    assert [mbs for _, mbs in chunked] == train.steps_of(range(len(lengths)), lengths, 4, 2,
+                                                         random.Random("42-0-chunk0-0"), 8)
 
 
 def test_a_checkpoint_of_another_length_grouping_is_refused(tmp_path):
