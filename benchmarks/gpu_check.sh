@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's checks that need a GPU, as run on one H200 (results in the README and the issues' closing notes).
 #
-#   bash benchmarks/gpu_check.sh olmo7b  DATA TOKENIZER OUT   # OLMo-7B (random weights, real size): train.py with the
-#                                                             # paper preset on SemEval train, time + peak memory
+#   bash benchmarks/gpu_check.sh olmo7b  DATA TOKENIZER OUT   # OLMo-7B (random weights, real size): bench_train.py
+#                                                             # on SemEval train: tokens/s, MFU, memory, 5-epoch time
 #   bash benchmarks/gpu_check.sh smollm2 DATA GGUF OUT        # SmolLM2-135M: the demo, the preset grid and the
 #                                                             # pipeline on SemEval validation; planner vs CUDA peak
 #
@@ -18,19 +18,18 @@ mkdir -p "$out/logs"
 python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 demo_flags=${DEMO_FLAGS:-}
-launch="python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
 
 if [ "$part" = olmo7b ]; then
   model=$out/olmo7b-random
   python3 benchmarks/make_random_model.py --preset "${PRESET:-allenai/OLMo-7B-0724-Instruct-hf}" \
     --tokenizer "$source" --output_dir "$model" --device "${INIT_DEVICE:-cuda}" 2>&1 | tail -1
-  # the paper's recipe (LoRA r8, GI + retain + segments, batch 8) with gradient checkpointing; 60 of its steps
-  $launch train.py configs/paper.yaml --model_name_or_path "$model" --data_dir "$data/semeval25/train" \
-    --gradient_checkpointing true --max_steps "${STEPS:-60}" --merge_lora false --report_to none \
-    --output_dir "$out/olmo7b-paper" > "$out/logs/olmo7b-paper.log" 2>&1
-  echo "train.py exit $?"; grep -v "unlearning:" "$out/logs/olmo7b-paper.log" | tail -5
-  tr '\r' '\n' < "$out/logs/olmo7b-paper.log" | grep "unlearning:" | tail -2
-  cat "$out/olmo7b-paper/train_config.yaml" | sed -n '/^result:/,/^launch:/p'
+  # the paper's recipe (LoRA r8, GI + retain + segments, batch 8 x up to 512 tokens) with gradient checkpointing in
+  # bf16, STEPS of its steps: a bare loop, train.py padded, --padding_free and --load_in_8bit, with tokens/s, padding,
+  # s/step, peak memory, MFU (PEAK_TFLOPS: the device's dense bf16 peak, 989 for an H200) and the 5-epoch time
+  python3 benchmarks/bench_train.py --model "$model" --data_dir "$data/semeval25/train" --dtype bfloat16 \
+    --gradient_checkpointing --steps "${STEPS:-60}" --variants padded,padding_free,8bit \
+    --peak_tflops "${PEAK_TFLOPS:-989}" --schedule_data "$data/semeval25/train" > "$out/logs/olmo7b-bench.log" 2>&1
+  echo "bench_train exit $?"; grep "|\|limit\|steps, batch" "$out/logs/olmo7b-bench.log"
   rm -rf "$model"
 fi
 
