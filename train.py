@@ -12,7 +12,6 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import inspect
-import itertools
 import json
 import math
 import os
@@ -453,7 +452,8 @@ def chunk_examples(examples, train_args):
     return mixed, bounds
 
 
-def chunked_schedule(lengths, bounds, micro_batch_size, micro_batches_per_step, epochs_per_chunk, seed, epoch):
+def chunked_schedule(lengths, bounds, micro_batch_size, micro_batches_per_step, epochs_per_chunk, seed, epoch,
+                     length_group_steps=CHUNKED_LENGTH_GROUP_STEPS):
     """The steps of one pass of --schedule chunked: each chunk in turn, --epochs_per_chunk passes over it, as
     ('mixed', [micro_batch, ...]); deterministic in (seed, epoch) like epoch_schedule."""
     steps = []
@@ -461,7 +461,7 @@ def chunked_schedule(lengths, bounds, micro_batch_size, micro_batches_per_step, 
         for e in range(epochs_per_chunk):
             rng = random.Random(f"{seed}-{epoch}-chunk{c}-{e}")
             steps += [("mixed", mbs) for mbs in steps_of(range(begin, end), lengths, micro_batch_size,
-                                                          micro_batches_per_step, rng, CHUNKED_LENGTH_GROUP_STEPS)]
+                                                          micro_batches_per_step, rng, length_group_steps)]
     return steps
 
 
@@ -932,11 +932,14 @@ def setup_run(model_args, data_args, train_args):
         mixed, bounds = chunk_examples(examples, train_args)
         examples = {"mixed": mixed}
         lengths = [len(e["input_ids"]) for e in mixed]
+        window = CHUNKED_LENGTH_GROUP_STEPS
         schedule = lambda epoch: chunked_schedule(lengths, bounds, size, micro_per_step,  # noqa: E731
-                                                  train_args.epochs_per_chunk, train_args.seed, epoch)
+                                                  train_args.epochs_per_chunk, train_args.seed, epoch, window)
     else:
         lengths = {kind: [len(e["input_ids"]) for e in rows] for kind, rows in examples.items()}
-        schedule = lambda epoch: epoch_schedule(lengths, size, micro_per_step, train_args.seed, epoch)  # noqa: E731
+        window = LENGTH_GROUP_STEPS
+        schedule = lambda epoch: epoch_schedule(lengths, size, micro_per_step, train_args.seed, epoch,  # noqa: E731
+                                                window)
     steps_per_epoch = len(schedule(0))
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps > 0:
@@ -950,8 +953,7 @@ def setup_run(model_args, data_args, train_args):
     keep_trainable_only_in_checkpoints(accelerator)
     model.train()
     state = RunState(micro_batches_per_step=micro_per_step, steps_per_epoch=steps_per_epoch,
-                     length_group_steps=CHUNKED_LENGTH_GROUP_STEPS if train_args.schedule == "chunked"
-                     else LENGTH_GROUP_STEPS,
+                     length_group_steps=window,
                      run_name=train_args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run = Run(accelerator, model, tokenizer, optimizer, scheduler, trainable, examples, schedule, steps_per_epoch,
               total_steps, state, load_seconds, counts, calibration, dev, padding_free=train_args.padding_free,
@@ -1034,17 +1036,17 @@ def pack_batch(rows, every_token=False, segments=False):
     ``segments``, ``packed_segments`` lists each row's (start, end) in the packed row, for modeling.PACKED_SDPA."""
     scored = [[j for j in range(1, len(r["input_ids"])) if every_token or r["labels"][j] != -100] for r in rows]
     width = 1 + max(len(s) for s in scored)
-    labels, tokens, logits_index, compact_index, offset = [], [], [], [], 0
+    labels, tokens, logits_index, compact_index, bounds, offset = [], [], [], [], [], 0
     for i, (row, positions) in enumerate(zip(rows, scored)):
         padding = [-100] * (width - 1 - len(positions))
         labels.append([-100] + [row["labels"][j] for j in positions] + padding)
         tokens.append([-100] + [row["input_ids"][j] for j in positions] + padding)
         logits_index += [offset + j - 1 for j in positions]
         compact_index += [i * width + k for k in range(len(positions))]
+        bounds.append((offset, offset + len(row["input_ids"])))
         offset += len(row["input_ids"])
     packed = [token for r in rows for token in r["input_ids"]]
-    ends = list(itertools.accumulate(len(r["input_ids"]) for r in rows))
-    extra = {"packed_segments": tuple(zip([0] + ends[:-1], ends))} if segments else {}
+    extra = {"packed_segments": tuple(bounds)} if segments else {}
     return {**extra, "packed_input_ids": torch.tensor([packed]),
             "position_ids": torch.tensor([[p for r in rows for p in range(len(r["input_ids"]))]]),
             "attention_mask": torch.ones(1, len(packed), dtype=torch.long), "labels": torch.tensor(labels),

@@ -38,8 +38,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import train  # noqa: E402
+import train  # noqa: E402  (first: cli's log filters, before peft imports bitsandbytes)
 from batches import pad_batch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 PRESET = os.path.join(ROOT, "configs", "paper.yaml")
 
@@ -67,15 +69,11 @@ def run_train_py(args, extra):
             return yaml.safe_load(f)["result"]
 
 
-def bare_loop(args):
+def bare_loop(args, tokenizer):
     """The hand-written loop on train.py's rows; returns (non-pad tokens/s, padding share)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.manual_seed(0)
     model_args, data_args, train_args = train.parse_arguments(train_argv(args, os.path.join(tempfile.gettempdir(),
                                                                                             "bench-unused")))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     examples = [e for rows in train.build_examples(tokenizer, data_args, train_args).values() for e in rows]
     examples.sort(key=lambda e: len(e["input_ids"]))
@@ -155,8 +153,6 @@ def main():
         sys.exit(f"{args.model}: no model; run python prepare_model.py first (or pass --model)")
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     schedule_data = [path for path in args.schedule_data.split(",") if path]
     if schedule_data:
@@ -173,7 +169,7 @@ def main():
     unknown = [v for v in args.variants.split(",") if v not in VARIANT_FLAGS]
     if unknown:
         sys.exit(f"--variants {args.variants}: unknown {', '.join(unknown)}; expected {', '.join(VARIANT_FLAGS)}")
-    bare_tps, bare_padding, parameters = bare_loop(args)
+    bare_tps, bare_padding, parameters = bare_loop(args, tokenizer)
     limit = bare_tps / (1 - bare_padding)
     rows = [("bare loop (sorted, padded per batch)", bare_tps, bare_padding, {})]
     for variant in args.variants.split(","):
@@ -187,15 +183,12 @@ def main():
           f"{args.epochs} epochs |\n|---|---|---|---|---|---|---|---|")
     for name, tps, padding, summary in rows:
         per_step = summary["train_seconds"] / summary["optimizer_steps"] if summary.get("optimizer_steps") else None
-        mfu = 4 * parameters * tps / (args.peak_tflops * 1e12) if args.peak_tflops else None
-        epochs = per_step * summary["steps_per_epoch"] * args.epochs / 60 if per_step else None
-        print(f"| {name} | {tps:.1f} | {tps / bare_tps:.2f} | {padding:.3f} | "
-              + " | ".join("-" if value is None else text for value, text in (
-                  (per_step, f"{per_step:.2f}" if per_step else ""),
-                  (summary.get("peak_gpu_memory_gib"), f"{summary.get('peak_gpu_memory_gib')}"),
-                  (mfu, f"{mfu:.1%}" if mfu else ""),
-                  (epochs, f"{epochs:.1f} min ({summary.get('steps_per_epoch')} steps/epoch)" if epochs else "")))
-              + " |")
+        cells = [f"{per_step:.2f}" if per_step else "-",
+                 str(summary["peak_gpu_memory_gib"]) if "peak_gpu_memory_gib" in summary else "-",
+                 f"{4 * parameters * tps / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-",
+                 f"{per_step * summary['steps_per_epoch'] * args.epochs / 60:.1f} min "
+                 f"({summary['steps_per_epoch']} steps/epoch)" if per_step else "-"]
+        print(f"| {name} | {tps:.1f} | {tps / bare_tps:.2f} | {padding:.3f} | " + " | ".join(cells) + " |")
     print(f"pad-free limit (bare / (1 - its padding share)): {limit:.1f} tokens/s")
     for name, tps, _, _ in rows[1:]:
         print(f"{name}: {tps / limit:.2f} of the pad-free limit")
