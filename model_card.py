@@ -100,7 +100,9 @@ def build_card(record, results=None):
     if counts:
         lines.append("- rows per batch kind after augmentation: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     lines += ["", "## Training", "",
-              f"- {summary.get('optimizer_steps')} optimizer steps of {summary.get('planned_steps')}, learning rate "
+              f"- {summary.get('optimizer_steps')} optimizer steps of {summary.get('planned_steps')}"
+              + (f" (early stopping: {config.get('early_stopping_patience')} dev evaluations without a better one)"
+                 if summary.get("stopped_on_plateau") else "") + ", learning rate "
               f"{config.get('learning_rate')} ({config.get('lr_scheduler_type', 'constant')}), "
               f"{launch.get('num_processes', 1)} process(es), "
               + ("fp32 (no mixed precision)" if launch.get("mixed_precision", "no") == "no"

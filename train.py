@@ -249,6 +249,10 @@ class TrainArguments:
         "choices": BEST_METRICS,
         "help": "--eval_steps: what 'best' maximises: task_mia_mean (mean of the task aggregate and the MIA score), "
                 "final (mean of those and MMLU; needs --eval_mmlu_dir), task_aggregate or mia_score."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "--eval_steps: stop once this many dev evaluations in a row have not beaten the best one, and publish "
+                "the best (as transformers' EarlyStoppingCallback): a generous step budget then ends where the dev "
+                "metric stops improving. 0 = off (train every planned step)."})
 
     def __post_init__(self):
         check_choices(self)
@@ -277,8 +281,10 @@ class TrainArguments:
             raise ValueError("--retain_per_forget and --epochs_per_chunk must be >= 1, --forget_chunk_size >= 0")
         if not self.calibration_margin > 0:
             raise ValueError(f"--calibration_margin {self.calibration_margin}: must be > 0")
-        if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0:
-            raise ValueError("--eval_steps, --eval_rows and --eval_mmlu_limit must be >= 0")
+        if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0 or self.early_stopping_patience < 0:
+            raise ValueError("--eval_steps, --eval_rows, --eval_mmlu_limit and --early_stopping_patience must be >= 0")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("--early_stopping_patience counts dev evaluations: give --eval_steps too")
         if self.eval_max_new_tokens < 1 or self.eval_batch_size < 1:
             raise ValueError("--eval_max_new_tokens and --eval_batch_size must be >= 1")
 
@@ -789,7 +795,7 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="fine-tuning" if "forget" not in run.counts or train_args.forget_loss == "ntp"
                     else "unlearning")
-    stopped_early = preempted = False
+    stopped_early = preempted = plateaued = False
     tokens_total = positions_total = 0  # non-pad tokens and all token positions trained on, every process
     log_window = {}  # tag -> values of the steps since the last tracker log (--logging_steps)
     for epoch, kind, micro_batches in remaining_steps(run, train_args):
@@ -816,25 +822,27 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
         if train_args.eval_steps and not (stopped_early or preempted) and (
                 state.step % train_args.eval_steps == 0 or state.step == run.total_steps):
             logs.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, train_args).items()})
-        if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or stopped_early or preempted:
+            plateaued = dev_plateaued(state, train_args) and state.step < run.total_steps
+        if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or stopped_early or preempted \
+                or plateaued:
             logs.update(window_means(log_window))
             log_window = {}
         if train_args.report_to != "none" and logs:
             accelerator.log(logs, step=state.step)
         periodic = ((train_args.save_steps and state.step % train_args.save_steps == 0) or
                     (train_args.save_minutes and time.time() - last_save >= train_args.save_minutes * 60))
-        if (periodic or preempted) and state.step < run.total_steps:
+        if ((periodic and not plateaued) or preempted) and state.step < run.total_steps:
             state.train_seconds += time.time() - start_time
             start_time = last_save = time.time()
             save_checkpoint(accelerator, train_args.output_dir, state, train_args.save_total_limit, run.best_weights)
-        if stopped_early or preempted:
+        if stopped_early or preempted or plateaued:
             break
     progress.close()
     state.train_seconds += time.time() - start_time
     throughput = {"tokens_per_second": round(tokens_total / max(time.time() - loop_start, 1e-9), 1),
                   "padding_share": round(1 - tokens_total / max(positions_total, 1), 4)}
-    return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, throughput,
-                      stop_request.signal_name)
+    return finish_run(run, model_args, data_args, train_args, stopped_early, preempted, plateaued, first_step,
+                      throughput, stop_request.signal_name)
 
 
 def stop_flags(train_args, stop_request, state, first_step, loop_start, save_reserve):
@@ -1133,7 +1141,14 @@ def evaluate_and_keep_best(run, train_args):
     return scores
 
 
-def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, first_step, throughput,
+def dev_plateaued(state, train_args):
+    """--early_stopping_patience: that many evaluations since the best one, none better. Evaluations fall on the
+    multiples of --eval_steps, so the count follows from the steps and survives a resume without a counter."""
+    return bool(train_args.early_stopping_patience) and state.best_step is not None and (
+        state.step - state.best_step) // train_args.eval_steps >= train_args.early_stopping_patience
+
+
+def finish_run(run, model_args, data_args, train_args, stopped_early, preempted, plateaued, first_step, throughput,
                stop_signal=""):
     """The summary; unless preempted, the best evaluated step's weights (or the last) saved as the run's output."""
     accelerator, state = run.accelerator, run.state
@@ -1145,6 +1160,7 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
                "steps_per_epoch": run.steps_per_epoch, "skipped_steps": state.skipped_steps,
                "train_seconds": round(state.train_seconds, 1), "examples_per_kind": run.counts,
                "num_processes": accelerator.num_processes, "stopped_early": stopped_early, "preempted": preempted,
+               "stopped_on_plateau": plateaued,
                "resumed_from_step": first_step or None, **throughput,
                "stop_signal": (stop_signal or None) if preempted else None, "last_losses": run.last_losses}
     if run.calibration is not None:
@@ -1165,6 +1181,10 @@ def finish_run(run, model_args, data_args, train_args, stopped_early, preempted,
         return summary
     if stopped_early:
         accelerator.print(f"time budget: stopped early after step {state.step} of {run.total_steps} to save in time")
+    if plateaued:
+        accelerator.print(f"early stopping: {train_args.early_stopping_patience} dev evaluation(s) since step "
+                          f"{state.best_step} without a better {train_args.metric_for_best_model}; stopped after step "
+                          f"{state.step} of {run.total_steps}")
     if state.best_step is not None:
         summary.update(best_step=state.best_step, best_scores=state.best_scores,
                        metric_for_best_model=train_args.metric_for_best_model)
@@ -1417,7 +1437,7 @@ HELP_GROUPS = {
                      "max_grad_norm", "seed", "padding_free"],
     "evaluation during training and best checkpoint": ["eval_steps", "eval_rows", "eval_max_new_tokens",
                                                        "eval_batch_size", "eval_mmlu_dir", "eval_mmlu_limit",
-                                                       "metric_for_best_model"],
+                                                       "metric_for_best_model", "early_stopping_patience"],
     "runs: output, checkpoints, resume": ["output_dir", "overwrite_output_dir", "save_steps", "save_minutes",
                                           "save_total_limit", "resume_from_checkpoint", "max_train_minutes",
                                           "push_to_hub", "hub_model_id", "hub_private_repo"],

@@ -101,6 +101,12 @@ def best_model_metric_needs_the_mia(env):
 
 
 @case
+def early_stopping_needs_evaluations(env):
+    return env.argv("--early_stopping_patience", "2"), ["--early_stopping_patience counts dev evaluations",
+                                                        "give --eval_steps"]
+
+
+@case
 def missing_file(env):
     path = str(env.bad / "forget.jsonl")
     return env.with_forget(path), [path, "file not found"]

@@ -273,13 +273,13 @@ def test_chunked_preset_runs_one_mixed_kind(tmp_path, tiny_model_dir):
 INJECTED = {2: 0.4, 4: 0.9, 6: 0.3}  # dev metric by step: step 4 is the best
 
 
-def fake_evaluate_dev(preempt_at=None):
+def fake_evaluate_dev(preempt_at=None, scores=INJECTED):
     def evaluate_dev(accelerator, model, tokenizer, dev, train_args):
         step = evaluate_dev.calls[-1] + 2 if evaluate_dev.calls else 2
         evaluate_dev.calls.append(step)
         if step == preempt_at:
             os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM would: checkpoint at the next step and exit
-        return {"task_aggregate": INJECTED[step], "metric": INJECTED[step]}
+        return {"task_aggregate": scores[step], "metric": scores[step]}
     evaluate_dev.calls = []
     return evaluate_dev
 
@@ -332,6 +332,48 @@ def test_best_checkpoint_is_the_step_with_the_best_score_also_after_resume(tmp_p
     assert summary["best_step"] == 4 and summary["resumed_from_step"] == 5
     resumed = adapter(out)
     assert all(torch.allclose(resumed[k], four[k], atol=1e-6) for k in resumed)
+
+
+PLATEAU = {2: 0.4, 4: 0.9, 6: 0.3, 8: 0.5, 10: 0.95, 12: 0.2}  # best at 4, a better one after two worse ones
+
+
+def test_early_stopping_ends_after_patience_evaluations_without_a_better_one(tmp_path, tiny_model_dir, monkeypatch):
+    """Patience 2: evaluations at 6 and 8 are not better than step 4's, so the run stops after step 8 of 12 and
+    publishes step 4's weights (a run without evaluation checkpointed them); patience 3 waits for step 10's
+    better score. A preemption after step 6 resumes to the same stop (the count follows from the steps)."""
+    data = make_unlearning_data(tmp_path / "data", n_docs=4)
+    reset_accelerate()
+    ref = str(tmp_path / "ref")
+    train.main(best_run_argv(data, tiny_model_dir, ref, "--eval_steps", "0", "--max_steps", "12", "--save_steps", "4"))
+    four = {k.replace(".default", ""): v for k, v in
+            load_file(os.path.join(ref, "checkpoints", "step-4", "model.safetensors")).items()}
+
+    def run(out, patience, *extra, preempt_at=None, calls=None):
+        evaluate_dev = fake_evaluate_dev(preempt_at, scores=PLATEAU)
+        evaluate_dev.calls.extend(calls or [])
+        monkeypatch.setattr(train, "evaluate_dev", evaluate_dev)
+        reset_accelerate()
+        code = train.main(best_run_argv(data, tiny_model_dir, str(tmp_path / out), "--max_steps", "12",
+                                        "--early_stopping_patience", str(patience), *extra))
+        return code, evaluate_dev.calls
+
+    assert run("p2", 2) == (0, [2, 4, 6, 8])
+    summary = __import__("yaml").safe_load(open(tmp_path / "p2" / "train_config.yaml"))["result"]
+    assert summary["stopped_on_plateau"] and summary["optimizer_steps"] == 8 and summary["planned_steps"] == 12
+    assert summary["best_step"] == 4 and summary["best_scores"]["metric"] == 0.9
+    final = adapter(str(tmp_path / "p2"))
+    assert all(torch.allclose(final[k], four[k], atol=1e-6) for k in final)
+    assert "early stopping: 2 dev evaluations without a better one" in open(tmp_path / "p2" / "README.md").read()
+
+    assert run("p3", 3) == (0, [2, 4, 6, 8, 10, 12])
+    summary = __import__("yaml").safe_load(open(tmp_path / "p3" / "train_config.yaml"))["result"]
+    assert not summary["stopped_on_plateau"] and summary["optimizer_steps"] == 12 and summary["best_step"] == 10
+
+    assert run("resumed", 2, preempt_at=6)[0] == train.PREEMPTED_EXIT_CODE
+    assert run("resumed", 2, "--resume_from_checkpoint", "latest", calls=[2, 4, 6]) == (0, [2, 4, 6, 8])
+    summary = __import__("yaml").safe_load(open(tmp_path / "resumed" / "train_config.yaml"))["result"]
+    assert summary["stopped_on_plateau"] and summary["optimizer_steps"] == 8 and summary["best_step"] == 4
+    assert summary["resumed_from_step"] == 7
 
 
 @pytest.mark.slow
