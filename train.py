@@ -823,8 +823,8 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
                 state.step % train_args.eval_steps == 0 or state.step == run.total_steps):
             logs.update({f"eval/{k}": v for k, v in evaluate_and_keep_best(run, train_args).items()})
             plateaued = dev_plateaued(state, train_args) and state.step < run.total_steps
-        if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or stopped_early or preempted \
-                or plateaued:
+        ending = stopped_early or preempted or plateaued  # this is the loop's last step
+        if state.step % train_args.logging_steps == 0 or state.step == run.total_steps or ending:
             logs.update(window_means(log_window))
             log_window = {}
         if train_args.report_to != "none" and logs:
@@ -835,7 +835,7 @@ def run_training(model_args, data_args, train_args, stop_request, preset=""):
             state.train_seconds += time.time() - start_time
             start_time = last_save = time.time()
             save_checkpoint(accelerator, train_args.output_dir, state, train_args.save_total_limit, run.best_weights)
-        if stopped_early or preempted or plateaued:
+        if ending:
             break
     progress.close()
     state.train_seconds += time.time() - start_time
