@@ -44,6 +44,7 @@ MIA_COLUMNS = ["set", "id", "loss"]
 # Per-document statistics of the other attacks (mia.py); optional, so CSVs of older runs still rescore.
 MIA_EXTRA_COLUMNS = ["min_k_fraction", "min_k", "min_k_plus_plus", "zlib", "reference_loss"]
 MMLU_COLUMNS = ["subject", "category", "n", "correct", "accuracy"]
+HELDOUT_COLUMNS = ["id", "loss"]
 
 
 @dataclass
@@ -55,6 +56,10 @@ class EvalArguments(records.DataSourceArguments):
     mia_data_dir: Optional[str] = field(default=None, metadata={
         "help": "Dir with member.jsonl and nonmember.jsonl for the membership inference attacks (the official "
                 "loss one, and Min-K%, Min-K%++, zlib and --reference_model beside it)."})
+    heldout_file: Optional[str] = field(default=None, metadata={
+        "help": "JSONL of never-trained documents ({id, document}, as the MIA files): their mean loss is reported as "
+                "heldout_mean_loss, the utility on unseen text that the retain terms (trained on) cannot show; "
+                "compare it with the model before unlearning."})
     mmlu_dir: Optional[str] = field(default=None, metadata={
         "help": "Hendrycks MMLU dir: test/<subject>_test.csv (and dev/<subject>_dev.csv, if there, for "
                 "--mmlu_ntrain)."})
@@ -137,7 +142,7 @@ def run_sharded(items, work, accelerator=None):
 def evaluate_model(model, tokenizer, forget_records=None, retain_records=None, member_documents=None,
                    nonmember_documents=None, mmlu_questions=None, max_new_tokens=256, batch_size=16,
                    accelerator=None, show_progress=False, length_threshold=0, mmlu_threshold=0.371,
-                   exact=False, mia_min_k=mia.DEFAULT_MIN_K, reference_losses=None):
+                   exact=False, mia_min_k=mia.DEFAULT_MIN_K, reference_losses=None, heldout_documents=None):
     """Run the model on whatever data is given; returns (results, tables), identical on every process.
 
     ``*_records``: lists of records.Record; ``*_documents``: lists of (id, text) from records.load_documents;
@@ -154,7 +159,7 @@ def evaluate_model(model, tokenizer, forget_records=None, retain_records=None, m
     try:
         tables, timings = _run_model(model, tokenizer, forget_records, retain_records, member_documents,
                                      nonmember_documents, mmlu_questions, max_new_tokens, batch_size, accelerator,
-                                     show_progress, mia_min_k, reference_losses)
+                                     show_progress, mia_min_k, reference_losses, heldout_documents)
     finally:
         model.train(was_training)
     results = compute_results(tables, length_threshold=length_threshold, mmlu_threshold=mmlu_threshold)
@@ -181,7 +186,7 @@ def reference_document_losses(model, tokenizer, member_documents, nonmember_docu
 
 def _run_model(model, tokenizer, forget_records, retain_records, member_documents, nonmember_documents,
                mmlu_questions, max_new_tokens, batch_size, accelerator, show_progress, mia_min_k=mia.DEFAULT_MIN_K,
-               reference_losses=None):
+               reference_losses=None, heldout_documents=None):
     tables, timings = {}, {}
     start = time.perf_counter()
     splits = [(split, rows) for split, rows in (("forget", forget_records), ("retain", retain_records)) if rows]
@@ -209,6 +214,10 @@ def _run_model(model, tokenizer, forget_records, retain_records, member_document
             for row, reference_loss in zip(tables["mia"], reference_losses):
                 row["reference_loss"] = reference_loss
         timings["mia_s"] = time.perf_counter() - t0
+    if heldout_documents:
+        losses = run_sharded([text for _, text in heldout_documents], lambda texts: mia.document_losses(
+            model, tokenizer, texts, batch_size, show_progress), accelerator)
+        tables["heldout"] = [{"id": doc_id, "loss": loss} for (doc_id, _), loss in zip(heldout_documents, losses)]
     if mmlu_questions:
         t0 = time.perf_counter()
         prompts = mmlu.mmlu_prompts(tokenizer, mmlu_questions)
@@ -237,12 +246,18 @@ def compute_results(tables, length_threshold=0, mmlu_threshold=0.371):
             raise InputError(f"MIA: {error}") from None
         results["mia_final_score"] = scoring.mia_final_score(results["mia_loss_acc"])
         results["mia_documents"] = {"member": len(members), "nonmember": len(nonmembers)}
+        # the nonmembers' mean loss is also a utility figure: how perplexed the model is by unseen text
+        results["mia_mean_loss"] = {"member": sum(members) / len(members),
+                                    "nonmember": sum(nonmembers) / len(nonmembers)}
         try:
             results.update(mia.attack_results(tables["mia"]))
         except ValueError as error:
             raise InputError(f"MIA: {error}") from None
         if "min_k_fraction" in tables["mia"][0]:
             results["mia_min_k_fraction"] = tables["mia"][0]["min_k_fraction"]
+    if tables.get("heldout"):
+        results["heldout_mean_loss"] = sum(row["loss"] for row in tables["heldout"]) / len(tables["heldout"])
+        results["heldout_documents"] = len(tables["heldout"])
     if "mmlu" in tables:
         summary = scoring.mmlu_summary(tables["mmlu"])
         results["mmlu_average"] = summary["mmlu_average"]
@@ -310,6 +325,12 @@ def load_predictions(predictions_dir):
                              for r in _read_csv(path, MIA_COLUMNS)]
         except ValueError:
             raise InputError(f"{path}: a loss or MIA statistic is not a number") from None
+    path = os.path.join(predictions_dir, "heldout_losses.csv")
+    if os.path.isfile(path):
+        try:
+            tables["heldout"] = [{"id": r["id"], "loss": float(r["loss"])} for r in _read_csv(path, HELDOUT_COLUMNS)]
+        except ValueError:
+            raise InputError(f"{path}: a loss is not a number") from None
     path = os.path.join(predictions_dir, "mmlu_per_subject.csv")
     if os.path.isfile(path):
         try:
@@ -375,6 +396,9 @@ def write_outputs(results, tables, output_dir):
     if "mia" in tables:
         columns = MIA_COLUMNS + [c for c in MIA_EXTRA_COLUMNS if all(c in row for row in tables["mia"])]
         pd.DataFrame(tables["mia"], columns=columns).to_csv(os.path.join(staging, "mia_losses.csv"), index=False)
+    if "heldout" in tables:
+        pd.DataFrame(tables["heldout"], columns=HELDOUT_COLUMNS).to_csv(os.path.join(staging, "heldout_losses.csv"),
+                                                                        index=False)
     if "mmlu" in tables:
         pd.DataFrame(tables["mmlu"], columns=MMLU_COLUMNS).to_csv(os.path.join(staging, "mmlu_per_subject.csv"),
                                                                   index=False)
@@ -398,6 +422,9 @@ def summary_lines(results):
         auc_key, score_key = mia.result_keys(name)
         if results.get(auc_key) is not None:
             lines.append(f"{auc_key:30s} {results[auc_key]:.4f}   {score_key} {results[score_key]:.4f}")
+    if results.get("heldout_mean_loss") is not None:
+        lines.append(f"{'heldout_mean_loss':30s} {results['heldout_mean_loss']:.4f}   "
+                     f"({results['heldout_documents']} never-trained documents)")
     label, score = scoring.final_score_label(results)
     if score is not None and label == "final score":
         lines.append(f"{'aggregate-score':30s} {score:.4f}")
@@ -441,14 +468,15 @@ def main(argv=None):
             raise InputError(f"--mia_data_dir {args.mia_data_dir}: directory not found")
         members = records.load_documents(os.path.join(args.mia_data_dir, "member.jsonl"))
         nonmembers = records.load_documents(os.path.join(args.mia_data_dir, "nonmember.jsonl"))
+    heldout = records.load_documents(args.heldout_file) if args.heldout_file else None
     questions = mmlu.load_mmlu(args.mmlu_dir, args.mmlu_ntrain, args.mmlu_limit) if args.mmlu_dir else None
-    if not (forget_records or retain_records or members or questions):
+    if not (forget_records or retain_records or members or questions or heldout):
         raise InputError("nothing to evaluate: give --data_dir/--forget_file/--retain_file, --mia_data_dir "
                          "or --mmlu_dir")
     if args.reference_model and not (members and nonmembers):
         raise InputError("--reference_model needs --mia_data_dir (it only serves the reference MIA)")
     inputs = [args.model_name_or_path, args.adapter, args.data_dir, forget_file, retain_file, args.mia_data_dir,
-              args.mmlu_dir, args.reference_model]
+              args.mmlu_dir, args.reference_model, args.heldout_file]
     check_output_dir(args.output_dir, inputs, args.overwrite_output_dir, RESULTS_FILE, inside_inputs_ok=True)
 
     accelerator = Accelerator()
@@ -475,7 +503,7 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, accelerator=accelerator,
         show_progress=accelerator.is_main_process, length_threshold=args.length_threshold,
         mmlu_threshold=args.mmlu_threshold, exact=args.exact, mia_min_k=args.mia_min_k,
-        reference_losses=reference_losses)
+        reference_losses=reference_losses, heldout_documents=heldout)
     results["timings"]["load_s"] = load_s
     if reference_s is not None:
         results["timings"]["reference_s"] = reference_s  # loading and running the reference model

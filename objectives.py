@@ -13,6 +13,7 @@ Retain batches use L_ntp, or ``kl`` (KL from the frozen reference's token distri
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 
 # alpha / L explodes as L -> 0 on memorised text. The value is floored at NLL_FLOOR (so the loss is at most
@@ -35,6 +36,28 @@ def per_sequence_nll(logits, labels):
     token_nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
     mask = (shift_labels != -100).float()
     return (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def token_nll(logits, labels):
+    """(NLL of each shifted label (B, T-1), its mask of scored positions); -100 labels give NLL 0, mask 0."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    return nll, (shift_labels != -100).float()
+
+
+def capped_token_nll(logits, labels, token_caps):
+    """token_nll in value, but a token whose NLL is at or above its row's cap (B,) passes no gradient: a forget
+    term built on it stops pushing the tokens that are already as unlikely as the cap (the least likely tokens of
+    unseen text), so none is driven far below it. Rows with cap inf keep every gradient."""
+    nll, mask = token_nll(logits, labels)
+    return torch.where(nll.detach() >= token_caps.to(nll.device)[:, None], nll.detach(), nll), mask
+
+
+def capped_sequence_nll(logits, labels, token_caps):
+    """per_sequence_nll (B,) over capped_token_nll."""
+    nll, mask = capped_token_nll(logits, labels, token_caps)
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 def sequence_logprob(logits, labels):
@@ -117,6 +140,7 @@ OBJECTIVES = {
     },
 }
 FORGET_LOSSES = tuple(OBJECTIVES["forget"]) + ("none",)
+NLL_FORGET_LOSSES = ("gi", "gi2", "ga", "ntp")  # forget_loss(answer NLL): the ones a token cap can act on
 RETAIN_LOSSES = tuple(OBJECTIVES["retain"]) + ("none",)
 
 
@@ -149,15 +173,26 @@ def needs_reference(batch_kind, forget_objective, retain_objective):
 
 
 def batch_loss(batch_kind, logits, labels, forget_objective="gi", retain_objective="ntp", alpha=1.0,
-               floor=NLL_FLOOR, reference_logits=None, npo_beta=0.1, row_weights=None):
+               floor=NLL_FLOOR, reference_logits=None, npo_beta=0.1, row_weights=None, token_caps=None):
     """(loss, L_ntp) of one batch: forget batches use the forget objective, retain batches the retain objective,
     idk batches L_ntp. ``reference_logits`` (the frozen model's) are needed where the objective says so.
 
     ``mixed`` batches (forget and retain rows in one batch, AILS-NTUA's schedule) use per-row weights:
-    mean_i(row_weights[i] * NLL_i), e.g. -1 on forget rows (gradient ascent) and +0.5 on retain rows."""
+    mean_i(row_weights[i] * NLL_i), e.g. -1 on forget rows (gradient ascent) and +0.5 on retain rows.
+
+    ``token_caps`` (B,), forget rows of mixed batches and NLL-based forget objectives: the loss is built on
+    capped_sequence_nll, the same value with no gradient through tokens at or above their row's cap."""
     nll = answer_nll(logits, labels)
     if batch_kind == "mixed":
-        return (row_weights.to(logits.device) * per_sequence_nll(logits, labels)).mean(), nll
+        row_nll = per_sequence_nll(logits, labels) if token_caps is None else capped_sequence_nll(logits, labels,
+                                                                                                   token_caps)
+        return (row_weights.to(logits.device) * row_nll).mean(), nll
+    if batch_kind == "forget" and token_caps is not None:
+        if forget_objective not in NLL_FORGET_LOSSES:
+            raise ValueError(f"token caps act on NLL-based forget losses ({', '.join(NLL_FORGET_LOSSES)}), not "
+                             f"{forget_objective!r}")
+        capped, mask = capped_token_nll(logits, labels, token_caps)
+        return forget_loss((capped * mask).sum() / mask.sum().clamp(min=1), forget_objective, alpha, floor), nll
     objective = objective_for(batch_kind, forget_objective, retain_objective)
     if objective is None:
         return nll, nll

@@ -39,8 +39,8 @@ from mmlu import load_mmlu
 from model_card import build_card, push_to_hub, write_card
 from modeling import (DTYPES, PACKED_SDPA, add_lora, check_output_dir, load_model, load_tokenizer, make_adamw,
                       merge_adapter)
-from objectives import (FORGET_LOSSES, NLL_FLOOR, RETAIN_LOSSES, answer_nll, batch_loss, describe, needs_reference,
-                        per_sequence_nll, zero_loss)
+from objectives import (FORGET_LOSSES, NLL_FLOOR, NLL_FORGET_LOSSES, RETAIN_LOSSES, answer_nll, batch_loss, describe,
+                        needs_reference, per_sequence_nll, token_nll, zero_loss)
 from records import DATA_OPTIONS, DataSourceArguments, encode_example, find_split_file, load_records, record_kind
 from scoring import KINDS, SPLITS, result_score
 
@@ -214,6 +214,12 @@ class TrainArguments:
         "help": "What the calibration level and a forget row's NLL are measured on: 'answer' (the answer tokens, what"
                 " the forget term pushes) or 'text' (every token of prompt + answer, what the MIA's loss attack "
                 "scores: a memorised prompt then has to be offset by the answer)."})
+    calibration_token_quantile: float = field(default=0.0, metadata={
+        "help": "A per-token limit beside the row-level target: a forget token whose NLL is at or above this "
+                "quantile of the calibration rows' token NLLs (per task and kind, under the model before "
+                "unlearning, over --calibration_on's tokens) passes no forget gradient, so no token is driven far "
+                "below the least likely tokens of unseen text (what Min-K% and Min-K%++ read). 0 = off; needs "
+                "--calibration_file and an NLL-based forget loss (gi, gi2, ga) or --schedule chunked."})
     # AILS-NTUA's schedule
     schedule: str = field(default="kinds", metadata={
         "choices": SCHEDULES,
@@ -281,6 +287,9 @@ class TrainArguments:
             raise ValueError("--retain_per_forget and --epochs_per_chunk must be >= 1, --forget_chunk_size >= 0")
         if not self.calibration_margin > 0:
             raise ValueError(f"--calibration_margin {self.calibration_margin}: must be > 0")
+        if not 0 <= self.calibration_token_quantile < 1:
+            raise ValueError(f"--calibration_token_quantile {self.calibration_token_quantile}: must be in [0, 1) "
+                             f"(0 = off)")
         if self.eval_steps < 0 or self.eval_rows < 0 or self.eval_mmlu_limit < 0 or self.early_stopping_patience < 0:
             raise ValueError("--eval_steps, --eval_rows, --eval_mmlu_limit and --early_stopping_patience must be >= 0")
         if self.early_stopping_patience and not self.eval_steps:
@@ -318,6 +327,14 @@ def check_arguments(model_args, data_args, train_args):
     if train_args.eval_steps and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise InputError("--eval_steps under DeepSpeed is not supported (its master weights live in the engine); "
                          "use accelerate_configs/multi_gpu.yaml (DDP) or evaluate.py on the saved checkpoints")
+    if train_args.calibration_token_quantile and not train_args.calibration_file:
+        raise InputError("--calibration_token_quantile caps forget tokens at a quantile of the calibration rows' "
+                         "token NLLs: give --calibration_file")
+    if train_args.calibration_token_quantile and train_args.schedule != "chunked" \
+            and train_args.forget_loss not in NLL_FORGET_LOSSES:
+        raise InputError(f"--calibration_token_quantile acts on the answer NLL's tokens: --forget_loss "
+                         f"{train_args.forget_loss} is not NLL-based; use {', '.join(NLL_FORGET_LOSSES[:3])} or "
+                         f"--schedule chunked")
     for flag in ("calibration_file", "eval_mmlu_dir"):
         path = getattr(train_args, flag)
         if path and not os.path.exists(path):
@@ -520,11 +537,13 @@ def calibration_labels(batch, calibration_on):
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
-def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8, calibration_on="answer"):
+def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8, calibration_on="answer",
+                       token_quantile=0.0):
     """Mean NLL (over calibration_labels) per (task, kind) of the calibration rows under the model as it is (before
-    unlearning). Every process computes all rows in the same order (identical levels; also in step under ZeRO-3)."""
+    unlearning), and with ``token_quantile`` > 0 also that quantile of their token NLLs per (task, kind) (else
+    {}). Every process computes all rows in the same order (identical levels; also in step under ZeRO-3)."""
     encoded = [encode_example(tokenizer, r.input, r.output, data_args.max_length, data_args.loss_on) for r in rows]
-    values = {}
+    values, tokens = {}, {}
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -532,11 +551,16 @@ def calibration_levels(model, tokenizer, rows, data_args, device, batch_size=8, 
             batch = {k: v.to(device) for k, v in pad_batch(encoded[start:start + batch_size],
                                                             tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nlls = per_sequence_nll(logits, calibration_labels(batch, calibration_on)).tolist()
-            for r, nll in zip(rows[start:start + batch_size], nlls):
+            labels = calibration_labels(batch, calibration_on)
+            nlls = per_sequence_nll(logits, labels).tolist()
+            token_values, token_mask = token_nll(logits, labels)
+            for i, (r, nll) in enumerate(zip(rows[start:start + batch_size], nlls)):
                 values.setdefault(row_key(r.id, r.task), []).append(nll)
+                tokens.setdefault(row_key(r.id, r.task), []).append(token_values[i][token_mask[i] > 0])
     model.train(was_training)
-    return {key: sum(v) / len(v) for key, v in values.items()}
+    caps = {key: torch.quantile(torch.cat(v).double(), token_quantile).item() for key, v in tokens.items()} \
+        if token_quantile else {}
+    return {key: sum(v) / len(v) for key, v in values.items()}, caps
 
 
 def calibrated_rows(row_nll, targets):
@@ -917,12 +941,17 @@ def setup_run(model_args, data_args, train_args):
     if calibration_rows is not None and "forget" in examples:
         if not quantized:  # quantized weights were loaded onto the device already
             model.to(accelerator.device)
-        levels = calibration_levels(model, tokenizer, calibration_rows, data_args, accelerator.device,
-                                    calibration_on=train_args.calibration_on)
+        levels, caps = calibration_levels(model, tokenizer, calibration_rows, data_args, accelerator.device,
+                                          calibration_on=train_args.calibration_on,
+                                          token_quantile=train_args.calibration_token_quantile)
         for example in examples["forget"]:
             example["target"] = train_args.calibration_margin * levels[row_key(example["id"], example["task"])]
+            if caps:
+                example["token_cap"] = caps[row_key(example["id"], example["task"])]
         calibration = {f"{task} {kind}": round(train_args.calibration_margin * level, 4)
                        for (task, kind), level in sorted(levels.items())}
+        if caps:
+            calibration["token caps"] = {f"{task} {kind}": round(cap, 4) for (task, kind), cap in sorted(caps.items())}
     if model_args.lora_r > 0:
         model = add_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                          model_args.gradient_checkpointing, quantized, model_args.lora_target_modules)
@@ -1029,6 +1058,8 @@ def make_batch(run, kind, indices, step, accumulation_index):
         batch["is_forget"] = torch.tensor([r["source"] == "forget" for r in rows])
     if run.calibration is not None and kind in ("forget", "mixed"):
         batch["targets"] = torch.tensor([r.get("target", math.inf) for r in rows])
+        if any("token_cap" in r for r in rows):  # retain rows of a mixed batch: no cap
+            batch["token_caps"] = torch.tensor([r.get("token_cap", math.inf) for r in rows])
     return {k: v.to(run.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -1119,11 +1150,14 @@ def make_loss_fn(run, kind, train_args):
                 full_nll = answer_nll(logits, labels)
                 logits, labels = logits[active], labels[active]
                 reference_logits = None if reference_logits is None else reference_logits[active]
+                caps = batch["token_caps"][active] if "token_caps" in batch else None
                 loss, _ = batch_loss(kind, logits, labels, train_args.forget_loss, train_args.retain_loss,
-                                     train_args.alpha, train_args.nll_floor, reference_logits, train_args.npo_beta)
+                                     train_args.alpha, train_args.nll_floor, reference_logits, train_args.npo_beta,
+                                     token_caps=caps)
                 return loss, full_nll, at_target, rows
         loss, nll = batch_loss(kind, logits, labels, train_args.forget_loss, train_args.retain_loss, train_args.alpha,
-                               train_args.nll_floor, reference_logits, train_args.npo_beta, weights)
+                               train_args.nll_floor, reference_logits, train_args.npo_beta, weights,
+                               batch.get("token_caps"))
         return loss, nll, at_target, rows
 
     return loss_fn
@@ -1429,7 +1463,8 @@ HELP_GROUPS = {
     "data": [*DATA_OPTIONS, "max_length", "loss_on", "augment", "augment_retain",
              "idk_responses", "idk_file"],
     "objective": ["forget_loss", "retain_loss", "alpha", "nll_floor", "npo_beta"],
-    "calibrated forgetting": ["calibration_file", "calibration_margin", "calibration_on"],
+    "calibrated forgetting": ["calibration_file", "calibration_margin", "calibration_on",
+                              "calibration_token_quantile"],
     "AILS-NTUA's chunked schedule": ["schedule", "forget_chunk_size", "retain_per_forget", "epochs_per_chunk",
                                      "forget_weight", "retain_weight"],
     "optimisation": ["learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",

@@ -95,6 +95,18 @@ def calibration_lacks_a_task(env):
 
 
 @case
+def token_cap_needs_calibration(env):
+    return env.argv("--calibration_token_quantile", "0.9"), ["--calibration_token_quantile", "give --calibration_file"]
+
+
+@case
+def token_cap_needs_an_nll_forget_loss(env):
+    path = env.jsonl("calibration.jsonl", HELD_OUT)
+    return env.argv("--calibration_file", path, "--calibration_token_quantile", "0.9", "--forget_loss", "npo",
+                    "--lora_r", "4"), ["--forget_loss npo is not NLL-based"]
+
+
+@case
 def best_model_metric_needs_the_mia(env):
     return env.argv("--eval_steps", "2"), ["--metric_for_best_model task_mia_mean needs the MIA",
                                            "--calibration_file"]

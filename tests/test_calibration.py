@@ -5,6 +5,7 @@ import os
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -186,8 +187,8 @@ def test_calibration_levels_are_per_task_and_kind(tiny_model_dir, tiny_tokenizer
     rows = load_records(os.path.join(data, "retain.jsonl"))
     model = load_model(tiny_model_dir, "float32")
     args = train.DataArguments(max_length=64)
-    levels = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4)
-    assert set(levels) == {(f"Task{i}", kind) for i in (1, 2, 3) for kind in ("sc", "qa")}
+    levels, caps = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4)
+    assert set(levels) == {(f"Task{i}", kind) for i in (1, 2, 3) for kind in ("sc", "qa")} and caps == {}
     # the Task1 sc level by hand: each row alone, unpadded
     task1_sc = [r for r in rows if r.task == "Task1" and r.kind == "sc"]
     nlls = []
@@ -203,9 +204,9 @@ def test_calibration_levels_are_per_task_and_kind(tiny_model_dir, tiny_tokenizer
     torch.manual_seed(0)
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(std=0.5)
-    levels = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4)
-    text_levels = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4,
-                                           calibration_on="text")
+    levels, _ = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4)
+    text_levels, _ = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4,
+                                              calibration_on="text")
     nlls = []
     with torch.no_grad():
         for r in task1_sc:
@@ -213,6 +214,19 @@ def test_calibration_levels_are_per_task_and_kind(tiny_model_dir, tiny_tokenizer
             nlls.append(torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item())
     assert text_levels[("Task1", "sc")] == pytest.approx(sum(nlls) / len(nlls), rel=1e-4)
     assert text_levels[("Task1", "sc")] != pytest.approx(levels[("Task1", "sc")], rel=1e-3)
+    # the token cap: the 0.9 quantile of the Task1 sc answer tokens' NLLs, by hand from unpadded rows (numpy's
+    # linear interpolation, as torch.quantile's default)
+    _, caps = train.calibration_levels(model, tiny_tokenizer, rows, args, torch.device("cpu"), batch_size=4,
+                                       token_quantile=0.9)
+    tokens = []
+    with torch.no_grad():
+        for r in task1_sc:
+            example = encode_example(tiny_tokenizer, r.input, r.output, 512)
+            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+            nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+            tokens += nll[labels[1:] != -100].tolist()
+    assert set(caps) == set(levels)
+    assert caps[("Task1", "sc")] == pytest.approx(float(np.quantile(tokens, 0.9)), rel=1e-4)
 
 
 # --- AILS-NTUA's chunked schedule -----------------------------------------------------------------------------------
@@ -266,6 +280,36 @@ def test_chunked_preset_runs_one_mixed_kind(tmp_path, tiny_model_dir):
     assert {e["kind"] for e in entries} == {"mixed"}
     ids = [i for e in entries for i in e["ids"]]
     assert any(i.startswith("forget") for i in ids) and any(i.startswith("retain") for i in ids)
+
+
+def test_token_caps_train_a_chunked_run_differently(tmp_path, tiny_model_dir):
+    """--calibration_token_quantile on the recommended preset's schedule: the caps per task and kind are in the
+    summary, and they change the trained adapter (the same run without them differs)."""
+    import json
+    import yaml
+
+    data = make_unlearning_data(tmp_path / "data", n_docs=3)
+    heldout = make_unlearning_data(tmp_path / "heldout", n_docs=3, seed=5)
+    rows = [dict(json.loads(line), id=json.loads(line)["id"].replace("retain", "held"))
+            for line in open(os.path.join(heldout, "retain.jsonl"))]
+    calibration = write_jsonl(tmp_path / "calibration.jsonl", rows)
+    adapters = {}
+    for name, flags in (("plain", []), ("capped", ["--calibration_token_quantile", "0.5"])):
+        out = str(tmp_path / name)
+        reset_accelerate()
+        assert train.main([os.path.join(train.ROOT, "configs", "ails_ntua.yaml"), "--model_name_or_path",
+                           tiny_model_dir, "--data_dir", data, "--output_dir", out, "--calibration_file", calibration,
+                           "--calibration_margin", "10", "--per_device_train_batch_size", "4", "--max_steps", "2",
+                           "--learning_rate", "1e-2", "--report_to", "none", "--no_merge_lora", *flags]) == 0
+        summary = yaml.safe_load(open(os.path.join(out, "train_config.yaml")))["result"]
+        adapters[name] = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+        if name == "capped":
+            caps = summary["calibration_target_nll"]["token caps"]
+            assert set(caps) == {k for k in summary["calibration_target_nll"] if k != "token caps"}
+            assert all(cap > 0 for cap in caps.values())
+        else:
+            assert "token caps" not in summary["calibration_target_nll"]
+    assert any(not torch.equal(adapters["plain"][k], adapters["capped"][k]) for k in adapters["plain"])
 
 
 # --- best checkpoint ------------------------------------------------------------------------------------------------
@@ -402,3 +446,50 @@ def test_best_checkpoint_across_two_processes(tmp_path, tiny_model_dir):
         results[processes] = (summary["best_step"], adapter(out))
     assert results[1][0] == results[2][0]
     assert all(torch.allclose(results[1][1][k], results[2][1][k], atol=1e-5) for k in results[1][1])
+
+
+def test_token_cap_stops_the_gradient_of_tokens_at_the_cap():
+    """A hand-worked case: one forget row of three answer tokens (and a -100 prompt position), cap 1.0. The loss
+    value is the plain mean NLL; only the tokens below the cap get a gradient, each 1/3 of d NLL_t."""
+    from objectives import batch_loss, capped_sequence_nll, per_sequence_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 4)
+    logits[0, 1, 2] = 6.0   # token 2 at position 2: NLL ~0 (below the cap)
+    logits[0, 2, 0] = -6.0  # token 0 at position 3: NLL ~ 7 (above the cap)
+    logits.requires_grad_(True)
+    labels = torch.tensor([[-100, -100, 2, 0, 1]])
+    nll = -torch.log_softmax(logits[0, 1:4].detach(), dim=-1)[torch.arange(3), torch.tensor([2, 0, 1])]
+    cap = torch.tensor([1.0])
+    assert nll[0] < 1.0 < nll[1]
+    capped = capped_sequence_nll(logits, labels, cap)
+    assert capped.item() == pytest.approx(nll.mean().item(), rel=1e-6)  # the value is unchanged
+    capped.sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    # by hand: d/dlogits of NLL_t = softmax - onehot at the positions that pass (those below the cap), / 3
+    expected = torch.zeros_like(logits)
+    for position, token, passes in ((1, 2, nll[0] < 1.0), (2, 0, nll[1] < 1.0), (3, 1, nll[2] < 1.0)):
+        if passes:
+            onehot = torch.nn.functional.one_hot(torch.tensor(token), 4).float()
+            expected[0, position] = (torch.softmax(logits[0, position].detach(), -1) - onehot) / 3
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert grad[0, 2].abs().sum() == 0  # the token above the cap gets nothing
+    # an infinite cap (a retain row of a mixed batch) is per_sequence_nll with every gradient
+    per_sequence_nll(logits, labels).sum().backward()
+    plain = logits.grad.clone()
+    logits.grad = None
+    capped_sequence_nll(logits, labels, torch.tensor([float("inf")])).sum().backward()
+    assert torch.allclose(logits.grad, plain)
+    logits.grad = None
+    # through batch_loss: ga on a forget batch = -mean token NLL, capped; and a mixed batch's weighted row mean
+    loss, _ = batch_loss("forget", logits, labels, "ga", "ntp", token_caps=cap)
+    assert loss.item() == pytest.approx(-nll.mean().item(), rel=1e-6)
+    loss.backward()
+    assert torch.allclose(logits.grad, -expected, atol=1e-6)
+    logits.grad = None
+    loss, _ = batch_loss("mixed", logits, labels, row_weights=torch.tensor([-1.0]), token_caps=cap)
+    loss.backward()
+    assert torch.allclose(logits.grad, -expected, atol=1e-6)
+    with pytest.raises(ValueError, match="NLL-based"):
+        batch_loss("forget", logits, labels, "npo", "ntp", reference_logits=logits.detach(), token_caps=cap)

@@ -385,6 +385,32 @@ def test_cli_writes_outputs_and_rescoring_matches(tiny_model_dir, cli_inputs, ca
     assert "already holds a finished run" in capsys.readouterr().err
 
 
+def test_heldout_and_mia_set_mean_losses(tiny_model_dir, cli_inputs):
+    """heldout_mean_loss = the mean over --heldout_file's documents of model(ids, labels=ids).loss, one at a time;
+    mia_mean_loss = each MIA set's mean loss; both survive rescoring from the saved CSVs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    heldout = cli_inputs / "heldout.jsonl"
+    texts = ["A held-out sentence that nothing trained on.", "Another unseen line, with 42 numbers and a comma."]
+    write_jsonl(heldout, [{"id": "h0", "document": texts[0]}, {"id": "h1", "document": texts[1]}])
+    out = cli_inputs / "out"
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--mia_data_dir", str(cli_inputs / "mia"),
+                             "--heldout_file", str(heldout), "--output_dir", str(out), "--torch_dtype", "float32"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def loss(text):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    assert results["heldout_documents"] == 2
+    assert results["heldout_mean_loss"] == pytest.approx((loss(texts[0]) + loss(texts[1])) / 2, rel=1e-4)
+    assert results["mia_mean_loss"]["nonmember"] == pytest.approx((loss(CORPUS[2]) + loss(CORPUS[3])) / 2, rel=1e-4)
+    assert results["mia_mean_loss"]["member"] == pytest.approx((loss(CORPUS[0]) + loss(CORPUS[1])) / 2, rel=1e-4)
+    assert os.path.isfile(out / "heldout_losses.csv")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--data_dir", "/nonexistent"], "directory not found"),
     (["--mmlu_dir", "/nonexistent"], "no test/ directory"),
